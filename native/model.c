@@ -1,0 +1,531 @@
+/* prosparse — the forward pass of LLaMA-family models (llama, minicpm).
+ *
+ * Reads top to bottom in the order of the math: embedding, then per layer rmsnorm, q/k/v,
+ * RoPE, KV cache, attention, residual, rmsnorm, FFN, residual; then norm and head.
+ * Weights stay in the caller's memory map; every type goes through the traits table.
+ */
+#define _GNU_SOURCE
+#include "prosparse.h"
+#include "kernels.h"
+#include "threadpool.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Prompt tokens are processed in chunks of at most this many (bounds the scratch memory). */
+#define MAX_BATCH 64
+/* Rows handed out to a thread at a time by a mat-vec/mat-mat. */
+#define ROW_CHUNK 16
+
+/* ------------------------------------------------------------------------------------------
+ * Model and scratch state
+ * ---------------------------------------------------------------------------------------- */
+
+struct ps_model {
+    ps_config c;
+    ps_tensor tok_embd;          /* (n_vocab, n_embd) */
+    ps_tensor output_norm;       /* (n_embd)          */
+    ps_tensor output;            /* (n_vocab, n_embd), tok_embd when tied */
+    ps_layer_weights *layers;    /* (n_layer)         */
+    int32_t n_ctx;
+    ps_threadpool *pool;
+
+    /* KV cache */
+    float *k_cache;              /* (n_layer, n_ctx, kv_dim) */
+    float *v_cache;              /* (n_layer, n_ctx, kv_dim) */
+
+    /* activations for a chunk of up to MAX_BATCH tokens */
+    float *x;                    /* (batch, n_embd) residual stream        */
+    float *xb;                   /* (batch, n_embd) normed input of a block */
+    float *xb2;                  /* (batch, n_embd) output of a block      */
+    float *q;                    /* (batch, q_dim)                         */
+    float *k;                    /* (batch, kv_dim)                        */
+    float *v;                    /* (batch, kv_dim)                        */
+    float *att_out;              /* (batch, q_dim)                         */
+    float *hb;                   /* (batch, n_ff) gate, then act(gate)*up  */
+    float *hb2;                  /* (batch, n_ff) up                       */
+    float *scores;               /* (n_threads, n_ctx) attention scores    */
+    float *row_buf;              /* (n_threads, max row length) dequantised weight row */
+    float *down_acc;             /* (n_threads, n_embd) per-thread sums of down_t axpys */
+    int64_t row_buf_len;
+};
+
+static void set_error(char *err, int32_t err_len, const char *fmt, ...) {
+    if (!err || err_len <= 0) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, (size_t)err_len, fmt, ap);
+    va_end(ap);
+}
+
+static int kv_dim(const ps_config *c) { return c->n_head_kv * c->head_dim; }
+static int q_dim(const ps_config *c) { return c->n_head * c->head_dim; }
+
+/* ------------------------------------------------------------------------------------------
+ * Matrix times a batch of vectors: out[b][r] = W[r] . in[b], rows shared out among threads.
+ * Up to three weights with the same input run in one dispatch (q/k/v, gate/up).
+ * ---------------------------------------------------------------------------------------- */
+
+typedef struct {
+    const ps_tensor *w;
+    float *out;                  /* (batch, w->ne1) */
+} matmul_target;
+
+typedef struct {
+    ps_model *m;
+    matmul_target t[3];
+    int n_targets;
+    const float *in;             /* (batch, ne0) */
+    int batch;
+    int64_t total_rows;          /* sum of ne1 over targets */
+    atomic_llong next_row;
+} matmul_job;
+
+static void matmul_rows(const matmul_target *t, const float *in, int batch, int64_t r0, int64_t r1,
+                        float *row_buf) {
+    const ps_tensor *w = t->w;
+    const ps_type_traits *tt = ps_type_traits_for(w->type, -1);
+    const int64_t n = w->ne0, rows = w->ne1;
+    const size_t row_bytes = ps_row_bytes(w->type, n);
+    const char *base = (const char *)w->data;
+    for (int64_t r = r0; r < r1; r++) {
+        const void *row = base + (size_t)r * row_bytes;
+        if (batch == 1) {
+            t->out[r] = tt->dot(row, in, n);
+            continue;
+        }
+        /* dequantise once, reuse for every token of the batch */
+        const float *wf = (const float *)row;
+        if (w->type != PS_TYPE_F32) {
+            tt->to_float(row, row_buf, n);
+            wf = row_buf;
+        }
+        for (int b = 0; b < batch; b++) t->out[(int64_t)b * rows + r] = ps_dot_f32(wf, in + (int64_t)b * n, n);
+    }
+}
+
+static void matmul_task(void *ctx, int ith, int nth) {
+    matmul_job *job = ctx;
+    float *row_buf = job->m->row_buf + (int64_t)ith * job->m->row_buf_len;
+    for (;;) {
+        int64_t start = atomic_fetch_add(&job->next_row, ROW_CHUNK);
+        if (start >= job->total_rows) return;
+        int64_t end = start + ROW_CHUNK < job->total_rows ? start + ROW_CHUNK : job->total_rows;
+        /* map the global row range onto the targets it spans */
+        int64_t offset = 0;
+        for (int i = 0; i < job->n_targets && start < end; i++) {
+            int64_t rows = job->t[i].w->ne1;
+            if (start < offset + rows) {
+                int64_t stop = end < offset + rows ? end : offset + rows;
+                matmul_rows(&job->t[i], job->in, job->batch, start - offset, stop - offset, row_buf);
+                start = stop;
+            }
+            offset += rows;
+        }
+    }
+}
+
+static void matmul(ps_model *m, const matmul_target *targets, int n_targets, const float *in, int batch) {
+    matmul_job job = { .m = m, .n_targets = n_targets, .in = in, .batch = batch };
+    for (int i = 0; i < n_targets; i++) {
+        job.t[i] = targets[i];
+        job.total_rows += targets[i].w->ne1;
+    }
+    atomic_init(&job.next_row, 0);
+    ps_threadpool_run(m->pool, matmul_task, &job);
+}
+
+static void matvec1(ps_model *m, const ps_tensor *w, float *out, const float *in, int batch) {
+    matmul_target t = { w, out };
+    matmul(m, &t, 1, in, batch);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Small per-token operations
+ * ---------------------------------------------------------------------------------------- */
+
+static void rmsnorm(float *out, const float *x, const ps_tensor *weight, int n, float eps, float *tmp) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float scale = 1.0f / sqrtf(ss / (float)n + eps);
+    const ps_type_traits *tt = ps_type_traits_for(weight->type, -1);
+    tt->to_float(weight->data, tmp, n);
+    for (int i = 0; i < n; i++) out[i] = x[i] * scale * tmp[i];
+}
+
+/* RoPE, llama.cpp's "normal" mode: rotates adjacent pairs (2i, 2i+1) of each head's first
+ * n_rot dims by pos * base^(-2i/n_rot). (HF's q/k weights are permuted at conversion so that
+ * this equals HF's rotate_half form.) */
+static void rope(float *vec, int n_heads, int head_dim, int n_rot, int pos, float base) {
+    for (int i = 0; i < n_rot; i += 2) {
+        const float theta = (float)pos * powf(base, -(float)i / (float)n_rot);
+        const float cos_t = cosf(theta), sin_t = sinf(theta);
+        for (int h = 0; h < n_heads; h++) {
+            float *p = vec + h * head_dim + i;
+            const float x0 = p[0], x1 = p[1];
+            p[0] = x0 * cos_t - x1 * sin_t;
+            p[1] = x0 * sin_t + x1 * cos_t;
+        }
+    }
+}
+
+static float gate_activation(const ps_config *c, float g) {
+    switch (c->activation) {
+    case PS_ACT_RELU:    return g > 0.0f ? g : 0.0f;
+    case PS_ACT_FATRELU: return g >= c->act_threshold ? g : 0.0f;
+    default:             return g / (1.0f + expf(-g));
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Attention: each (token, head) pair is one unit of work; causal over the KV cache.
+ * ---------------------------------------------------------------------------------------- */
+
+typedef struct {
+    ps_model *m;
+    int layer, batch, pos0;
+    atomic_int next;
+} attention_job;
+
+static void attention_task(void *ctx, int ith, int nth) {
+    attention_job *job = ctx;
+    ps_model *m = job->m;
+    const ps_config *c = &m->c;
+    const int hd = c->head_dim, kvd = kv_dim(c), group = c->n_head / c->n_head_kv;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const float *kc = m->k_cache + (int64_t)job->layer * m->n_ctx * kvd;
+    const float *vc = m->v_cache + (int64_t)job->layer * m->n_ctx * kvd;
+    float *scores = m->scores + (int64_t)ith * m->n_ctx;
+    const int units = job->batch * c->n_head;
+    for (int u; (u = atomic_fetch_add(&job->next, 1)) < units;) {
+        const int b = u / c->n_head, h = u % c->n_head, kvh = h / group;
+        const int pos = job->pos0 + b;
+        const float *q = m->q + (int64_t)b * q_dim(c) + h * hd;
+        float max_score = -INFINITY;
+        for (int t = 0; t <= pos; t++) {
+            scores[t] = ps_dot_f32(q, kc + (int64_t)t * kvd + kvh * hd, hd) * scale;
+            if (scores[t] > max_score) max_score = scores[t];
+        }
+        float sum = 0.0f;
+        for (int t = 0; t <= pos; t++) {
+            scores[t] = expf(scores[t] - max_score);
+            sum += scores[t];
+        }
+        float *out = m->att_out + (int64_t)b * q_dim(c) + h * hd;
+        memset(out, 0, (size_t)hd * sizeof(float));
+        for (int t = 0; t <= pos; t++) ps_axpy_f32(scores[t] / sum, vc + (int64_t)t * kvd + kvh * hd, out, hd);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * FFN. The gate and up projections have one row per neuron; the down projection is either
+ * ffn_down (n_embd rows) or ffn_down_t (one n_embd vector per neuron, accumulated by axpy).
+ * ---------------------------------------------------------------------------------------- */
+
+typedef struct {
+    ps_model *m;
+    const ps_tensor *down_t;
+    const float *h;              /* (n_ff) activated neurons of one token */
+    atomic_llong next;
+} down_t_job;
+
+static void down_t_task(void *ctx, int ith, int nth) {
+    down_t_job *job = ctx;
+    ps_model *m = job->m;
+    const ps_tensor *w = job->down_t;
+    const ps_type_traits *tt = ps_type_traits_for(w->type, -1);
+    const size_t row_bytes = ps_row_bytes(w->type, w->ne0);
+    float *acc = m->down_acc + (int64_t)ith * m->c.n_embd;
+    memset(acc, 0, (size_t)m->c.n_embd * sizeof(float));
+    for (;;) {
+        int64_t start = atomic_fetch_add(&job->next, ROW_CHUNK);
+        if (start >= w->ne1) return;
+        int64_t end = start + ROW_CHUNK < w->ne1 ? start + ROW_CHUNK : w->ne1;
+        for (int64_t i = start; i < end; i++)
+            if (job->h[i] != 0.0f) tt->axpy(job->h[i], (const char *)w->data + (size_t)i * row_bytes, acc, w->ne0);
+    }
+}
+
+/* out (n_embd) = sum over neurons i of h[i] * down_t[i]; per-thread sums, then one reduction */
+static void down_t_product(ps_model *m, const ps_tensor *down_t, const float *h, float *out) {
+    down_t_job job = { .m = m, .down_t = down_t, .h = h };
+    atomic_init(&job.next, 0);
+    ps_threadpool_run(m->pool, down_t_task, &job);
+    const int n = m->c.n_embd, nth = ps_threadpool_size(m->pool);
+    memcpy(out, m->down_acc, (size_t)n * sizeof(float));
+    for (int t = 1; t < nth; t++) ps_axpy_f32(1.0f, m->down_acc + (int64_t)t * n, out, n);
+}
+
+static void ffn_dense(ps_model *m, const ps_layer_weights *l, int batch) {
+    const ps_config *c = &m->c;
+    matmul_target gate_up[2] = { { &l->ffn_gate, m->hb }, { &l->ffn_up, m->hb2 } };
+    matmul(m, gate_up, 2, m->xb, batch);
+    const int64_t n = (int64_t)batch * c->n_ff;
+    for (int64_t i = 0; i < n; i++) m->hb[i] = gate_activation(c, m->hb[i]) * m->hb2[i];
+    if (l->ffn_down.data) {
+        matvec1(m, &l->ffn_down, m->xb2, m->hb, batch);
+    } else {
+        for (int b = 0; b < batch; b++)
+            down_t_product(m, &l->ffn_down_t, m->hb + (int64_t)b * c->n_ff, m->xb2 + (int64_t)b * c->n_embd);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The forward pass over a chunk of tokens
+ * ---------------------------------------------------------------------------------------- */
+
+static void forward_chunk(ps_model *m, const int32_t *tokens, int batch, int pos0, float *logits, int all_logits) {
+    const ps_config *c = &m->c;
+    const int dim = c->n_embd, qd = q_dim(c), kvd = kv_dim(c);
+    const ps_type_traits *embd_tt = ps_type_traits_for(m->tok_embd.type, -1);
+    const size_t embd_row_bytes = ps_row_bytes(m->tok_embd.type, dim);
+    float *tmp = m->row_buf; /* thread 0's row buffer doubles as scratch for norm weights */
+
+    for (int b = 0; b < batch; b++) {
+        float *x = m->x + (int64_t)b * dim;
+        embd_tt->to_float((const char *)m->tok_embd.data + (size_t)tokens[b] * embd_row_bytes, x, dim);
+        if (c->embd_scale != 1.0f)
+            for (int i = 0; i < dim; i++) x[i] *= c->embd_scale;
+    }
+
+    for (int L = 0; L < c->n_layer; L++) {
+        const ps_layer_weights *l = &m->layers[L];
+
+        /* attention */
+        for (int b = 0; b < batch; b++)
+            rmsnorm(m->xb + (int64_t)b * dim, m->x + (int64_t)b * dim, &l->attn_norm, dim, c->rms_eps, tmp);
+        matmul_target qkv[3] = { { &l->wq, m->q }, { &l->wk, m->k }, { &l->wv, m->v } };
+        matmul(m, qkv, 3, m->xb, batch);
+        for (int b = 0; b < batch; b++) {
+            const int pos = pos0 + b;
+            rope(m->q + (int64_t)b * qd, c->n_head, c->head_dim, c->n_rot, pos, c->rope_base);
+            rope(m->k + (int64_t)b * kvd, c->n_head_kv, c->head_dim, c->n_rot, pos, c->rope_base);
+            const int64_t at = ((int64_t)L * m->n_ctx + pos) * kvd;
+            memcpy(m->k_cache + at, m->k + (int64_t)b * kvd, (size_t)kvd * sizeof(float));
+            memcpy(m->v_cache + at, m->v + (int64_t)b * kvd, (size_t)kvd * sizeof(float));
+        }
+        attention_job att = { .m = m, .layer = L, .batch = batch, .pos0 = pos0 };
+        atomic_init(&att.next, 0);
+        ps_threadpool_run(m->pool, attention_task, &att);
+        matvec1(m, &l->wo, m->xb2, m->att_out, batch);
+        for (int64_t i = 0; i < (int64_t)batch * dim; i++) m->x[i] += c->residual_scale * m->xb2[i];
+
+        /* feed-forward */
+        for (int b = 0; b < batch; b++)
+            rmsnorm(m->xb + (int64_t)b * dim, m->x + (int64_t)b * dim, &l->ffn_norm, dim, c->rms_eps, tmp);
+        ffn_dense(m, l, batch);
+        for (int64_t i = 0; i < (int64_t)batch * dim; i++) m->x[i] += c->residual_scale * m->xb2[i];
+    }
+
+    /* head: logits for every token of the chunk, or only the last */
+    if (!logits) return;
+    const int first = all_logits ? 0 : batch - 1;
+    const int n_out = batch - first;
+    for (int b = first; b < batch; b++) {
+        float *xb = m->xb + (int64_t)(b - first) * dim;
+        rmsnorm(xb, m->x + (int64_t)b * dim, &m->output_norm, dim, c->rms_eps, tmp);
+        if (c->logit_scale != 1.0f)
+            for (int i = 0; i < dim; i++) xb[i] *= c->logit_scale;
+    }
+    matvec1(m, &m->output, logits, m->xb, n_out);
+}
+
+int32_t ps_model_eval(ps_model *m, const int32_t *tokens, int32_t n_tokens, int32_t n_past,
+                      float *logits, int32_t all_logits, char *err, int32_t err_len) {
+    if (!m || !tokens || !logits) { set_error(err, err_len, "null argument"); return -1; }
+    if (n_tokens <= 0) { set_error(err, err_len, "no tokens to evaluate"); return -1; }
+    if (n_past < 0 || (int64_t)n_past + n_tokens > m->n_ctx) {
+        set_error(err, err_len, "context full: %d tokens after %d past tokens exceed n_ctx = %d",
+                  n_tokens, n_past, m->n_ctx);
+        return -1;
+    }
+    for (int i = 0; i < n_tokens; i++) {
+        if (tokens[i] < 0 || tokens[i] >= m->c.n_vocab) {
+            set_error(err, err_len, "token id %d at index %d is outside the vocabulary [0, %d)",
+                      tokens[i], i, m->c.n_vocab);
+            return -1;
+        }
+    }
+    for (int done = 0; done < n_tokens;) {
+        const int batch = n_tokens - done < MAX_BATCH ? n_tokens - done : MAX_BATCH;
+        const int last_chunk = done + batch == n_tokens;
+        /* an intermediate chunk of a prompt only fills the KV cache: no head */
+        float *out = all_logits ? logits + (int64_t)done * m->c.n_vocab : last_chunk ? logits : NULL;
+        forward_chunk(m, tokens + done, batch, n_past + done, out, all_logits);
+        done += batch;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Construction: every tensor checked against the config before anything is computed
+ * ---------------------------------------------------------------------------------------- */
+
+static int check_tensor(const ps_tensor *t, const char *name, int64_t ne0, int64_t ne1, int required,
+                        char *err, int32_t err_len) {
+    if (!t->data) {
+        if (!required) return 0;
+        set_error(err, err_len, "tensor %s is missing", name);
+        return -1;
+    }
+    const ps_type_traits *tt = ps_type_traits_for(t->type, -1);
+    if (!tt) { set_error(err, err_len, "tensor %s has unsupported type id %d", name, t->type); return -1; }
+    if (t->ne0 != ne0 || t->ne1 != ne1) {
+        set_error(err, err_len, "tensor %s has shape (%lld, %lld), expected (%lld, %lld)", name,
+                  (long long)t->ne0, (long long)t->ne1, (long long)ne0, (long long)ne1);
+        return -1;
+    }
+    if (ne0 % tt->block_size != 0) {
+        set_error(err, err_len, "tensor %s: row length %lld is not a multiple of the %s block size %lld",
+                  name, (long long)ne0, tt->name, (long long)tt->block_size);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_config(const ps_config *c, int32_t n_ctx, int32_t n_threads, char *err, int32_t err_len) {
+    if (c->arch != PS_ARCH_LLAMA && c->arch != PS_ARCH_MINICPM) {
+        set_error(err, err_len, "unknown architecture id %d", c->arch); return -1;
+    }
+    if (c->n_vocab <= 0 || c->n_embd <= 0 || c->n_layer <= 0 || c->n_head <= 0 || c->n_head_kv <= 0 ||
+        c->head_dim <= 0 || c->n_ff <= 0) {
+        set_error(err, err_len, "hyper-parameters must be positive (n_vocab %d, n_embd %d, n_layer %d, "
+                  "n_head %d, n_head_kv %d, head_dim %d, n_ff %d)", c->n_vocab, c->n_embd, c->n_layer,
+                  c->n_head, c->n_head_kv, c->head_dim, c->n_ff);
+        return -1;
+    }
+    if (c->n_head % c->n_head_kv != 0) {
+        set_error(err, err_len, "n_head %d is not a multiple of n_head_kv %d", c->n_head, c->n_head_kv); return -1;
+    }
+    if (c->n_rot <= 0 || c->n_rot > c->head_dim || c->n_rot % 2 != 0) {
+        set_error(err, err_len, "rope dimension count %d must be even and in (0, head_dim = %d]", c->n_rot, c->head_dim);
+        return -1;
+    }
+    if (c->activation < PS_ACT_SILU || c->activation > PS_ACT_FATRELU) {
+        set_error(err, err_len, "unknown activation id %d", c->activation); return -1;
+    }
+    if (!(c->rms_eps > 0.0f) || !(c->rope_base > 0.0f)) {
+        set_error(err, err_len, "rms epsilon (%g) and rope base (%g) must be positive", c->rms_eps, c->rope_base);
+        return -1;
+    }
+    if (n_ctx <= 0) { set_error(err, err_len, "n_ctx must be positive, got %d", n_ctx); return -1; }
+    if (n_threads < 1 || n_threads > 512) {
+        set_error(err, err_len, "n_threads must be in [1, 512], got %d", n_threads); return -1;
+    }
+    return 0;
+}
+
+static int check_weights(const ps_config *c, const ps_tensor *tok_embd, const ps_tensor *output_norm,
+                         const ps_tensor *output, const ps_layer_weights *layers, char *err, int32_t err_len) {
+    const int64_t dim = c->n_embd, qd = q_dim(c), kvd = kv_dim(c), ff = c->n_ff;
+    if (check_tensor(tok_embd, "token_embd.weight", dim, c->n_vocab, 1, err, err_len) ||
+        check_tensor(output_norm, "output_norm.weight", dim, 1, 1, err, err_len) ||
+        check_tensor(output, "output.weight", dim, c->n_vocab, 0, err, err_len))
+        return -1;
+    char name[64];
+#define CHECK(field, tname, ne0, ne1, required)                                              \
+    do {                                                                                      \
+        snprintf(name, sizeof name, "blk.%d.%s.weight", L, tname);                            \
+        if (check_tensor(&l->field, name, ne0, ne1, required, err, err_len)) return -1;       \
+    } while (0)
+    for (int L = 0; L < c->n_layer; L++) {
+        const ps_layer_weights *l = &layers[L];
+        CHECK(attn_norm, "attn_norm", dim, 1, 1);
+        CHECK(wq, "attn_q", dim, qd, 1);
+        CHECK(wk, "attn_k", dim, kvd, 1);
+        CHECK(wv, "attn_v", dim, kvd, 1);
+        CHECK(wo, "attn_output", qd, dim, 1);
+        CHECK(ffn_norm, "ffn_norm", dim, 1, 1);
+        CHECK(ffn_gate, "ffn_gate", dim, ff, 1);
+        CHECK(ffn_up, "ffn_up", dim, ff, 1);
+        CHECK(ffn_down, "ffn_down", ff, dim, 0);
+        CHECK(ffn_down_t, "ffn_down_t", dim, ff, !l->ffn_down.data);
+        if (l->fc1.data || l->fc2.data) {
+            CHECK(fc1, "fc1", dim, l->fc1.ne1, 1);
+            CHECK(fc2, "fc2", l->fc1.ne1, ff, 1);
+        }
+    }
+#undef CHECK
+    return 0;
+}
+
+static void *alloc_floats(int64_t n, int *failed) {
+    void *p = calloc((size_t)(n > 0 ? n : 1), sizeof(float));
+    if (!p) *failed = 1;
+    return p;
+}
+
+ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const ps_tensor *output_norm,
+                          const ps_tensor *output, const ps_layer_weights *layers, int32_t n_ctx,
+                          int32_t n_threads, char *err, int32_t err_len) {
+    if (!cfg || !tok_embd || !output_norm || !output || !layers) {
+        set_error(err, err_len, "null argument"); return NULL;
+    }
+    if (check_config(cfg, n_ctx, n_threads, err, err_len) ||
+        check_weights(cfg, tok_embd, output_norm, output, layers, err, err_len))
+        return NULL;
+
+    ps_model *m = calloc(1, sizeof *m);
+    if (!m) { set_error(err, err_len, "out of memory"); return NULL; }
+    m->c = *cfg;
+    m->tok_embd = *tok_embd;
+    m->output_norm = *output_norm;
+    m->output = output->data ? *output : *tok_embd;
+    m->n_ctx = n_ctx;
+
+    const ps_config *c = &m->c;
+    const int64_t dim = c->n_embd, kvd = kv_dim(c), qd = q_dim(c), ff = c->n_ff;
+    int64_t max_row = dim > qd ? dim : qd;
+    if (ff > max_row) max_row = ff;
+    m->row_buf_len = max_row;
+
+    int failed = 0;
+    m->layers = calloc((size_t)c->n_layer, sizeof(ps_layer_weights));
+    if (!m->layers) failed = 1;
+    else memcpy(m->layers, layers, (size_t)c->n_layer * sizeof(ps_layer_weights));
+    m->k_cache = alloc_floats((int64_t)c->n_layer * n_ctx * kvd, &failed);
+    m->v_cache = alloc_floats((int64_t)c->n_layer * n_ctx * kvd, &failed);
+    m->x = alloc_floats(MAX_BATCH * dim, &failed);
+    m->xb = alloc_floats(MAX_BATCH * dim, &failed);
+    m->xb2 = alloc_floats(MAX_BATCH * dim, &failed);
+    m->q = alloc_floats(MAX_BATCH * qd, &failed);
+    m->k = alloc_floats(MAX_BATCH * kvd, &failed);
+    m->v = alloc_floats(MAX_BATCH * kvd, &failed);
+    m->att_out = alloc_floats(MAX_BATCH * qd, &failed);
+    m->hb = alloc_floats(MAX_BATCH * ff, &failed);
+    m->hb2 = alloc_floats(MAX_BATCH * ff, &failed);
+    m->scores = alloc_floats((int64_t)n_threads * n_ctx, &failed);
+    m->row_buf = alloc_floats((int64_t)n_threads * max_row, &failed);
+    m->down_acc = alloc_floats((int64_t)n_threads * dim, &failed);
+    if (failed) {
+        set_error(err, err_len, "out of memory allocating the KV cache and buffers (n_ctx = %d)", n_ctx);
+        ps_model_free(m);
+        return NULL;
+    }
+    m->pool = ps_threadpool_create(n_threads);
+    if (!m->pool) {
+        set_error(err, err_len, "could not start %d threads", n_threads);
+        ps_model_free(m);
+        return NULL;
+    }
+    return m;
+}
+
+void ps_model_free(ps_model *m) {
+    if (!m) return;
+    ps_threadpool_free(m->pool);
+    free(m->layers);
+    free(m->k_cache); free(m->v_cache);
+    free(m->x); free(m->xb); free(m->xb2);
+    free(m->q); free(m->k); free(m->v); free(m->att_out);
+    free(m->hb); free(m->hb2);
+    free(m->scores); free(m->row_buf); free(m->down_acc);
+    free(m);
+}
+
+int32_t ps_model_n_ctx(const ps_model *m) { return m->n_ctx; }
+int32_t ps_model_n_threads(const ps_model *m) { return ps_threadpool_size(m->pool); }

@@ -1,0 +1,80 @@
+/* prosparse — the C runtime's public interface (also parsed by cffi; keep it plain C).
+ *
+ * Python opens and validates the GGUF, then hands the C model pointers into the memory map:
+ * no tensor is copied. Shapes follow GGUF/ggml: ne0 is the row length (contiguous), ne1 the
+ * number of rows. A weight W with y = W x has ne0 = len(x), ne1 = len(y).
+ */
+#ifndef PROSPARSE_H
+#define PROSPARSE_H
+
+#include <stdint.h>
+
+enum { PS_ARCH_LLAMA = 0, PS_ARCH_MINICPM = 1 };
+enum { PS_ACT_SILU = 0, PS_ACT_RELU = 1, PS_ACT_FATRELU = 2 };
+
+typedef struct {
+    const void *data;  /* first byte of the tensor inside the mapped file; NULL = absent */
+    int32_t type;      /* PS_TYPE_* (ggml type id) */
+    int64_t ne0;       /* elements per row */
+    int64_t ne1;       /* rows (1 for a vector) */
+} ps_tensor;
+
+typedef struct {
+    ps_tensor attn_norm;  /* (n_embd)                          */
+    ps_tensor wq;         /* (n_head*head_dim rows, n_embd)     */
+    ps_tensor wk;         /* (n_head_kv*head_dim rows, n_embd)  */
+    ps_tensor wv;         /* (n_head_kv*head_dim rows, n_embd)  */
+    ps_tensor wo;         /* (n_embd rows, n_head*head_dim)     */
+    ps_tensor ffn_norm;   /* (n_embd)                           */
+    ps_tensor ffn_gate;   /* (n_ff rows, n_embd): one row per neuron */
+    ps_tensor ffn_up;     /* (n_ff rows, n_embd)                */
+    ps_tensor ffn_down;   /* (n_embd rows, n_ff), or absent when ffn_down_t is given */
+    ps_tensor ffn_down_t; /* (n_ff rows, n_embd): neuron i's output vector, contiguous */
+    ps_tensor fc1;        /* predictor (rank rows, n_embd), optional */
+    ps_tensor fc2;        /* predictor (n_ff rows, rank), optional   */
+} ps_layer_weights;
+
+typedef struct {
+    int32_t arch;            /* PS_ARCH_*                                   */
+    int32_t n_vocab;
+    int32_t n_embd;
+    int32_t n_layer;
+    int32_t n_head;
+    int32_t n_head_kv;
+    int32_t head_dim;        /* usually n_embd / n_head                     */
+    int32_t n_ff;
+    int32_t n_rot;           /* rotary dims per head (<= head_dim, even)    */
+    float   rms_eps;
+    float   rope_base;
+    int32_t activation;      /* PS_ACT_* on the gate branch                 */
+    float   act_threshold;   /* FATReLU: x kept when x >= threshold         */
+    float   embd_scale;      /* token embedding multiplier (MiniCPM scale_emb; 1 for llama)  */
+    float   residual_scale;  /* multiplier of each residual branch (1 for llama)             */
+    float   logit_scale;     /* multiplier of the final hidden state before the head (1)     */
+} ps_config;
+
+typedef struct ps_model ps_model;
+
+/* Builds a model over the given tensors (pointers are kept, not copied: the caller keeps the
+ * mapping alive until ps_model_free). Checks every shape and type against cfg; on any problem
+ * returns NULL and writes a message naming the tensor into err. */
+ps_model *ps_model_create(const ps_config *cfg,
+                          const ps_tensor *tok_embd,     /* (n_vocab rows, n_embd) */
+                          const ps_tensor *output_norm,  /* (n_embd)               */
+                          const ps_tensor *output,       /* (n_vocab rows, n_embd); data NULL = tied */
+                          const ps_layer_weights *layers,/* n_layer entries        */
+                          int32_t n_ctx, int32_t n_threads,
+                          char *err, int32_t err_len);
+void ps_model_free(ps_model *m);
+
+/* Runs n_tokens tokens at positions n_past .. n_past+n_tokens-1 (the KV cache keeps what was
+ * evaluated before; positions past n_past are overwritten). Writes n_vocab logits of the last
+ * token, or of every token when all_logits != 0 (n_tokens * n_vocab floats).
+ * Returns 0, or -1 with a message in err (token id out of range, context full, ...). */
+int32_t ps_model_eval(ps_model *m, const int32_t *tokens, int32_t n_tokens, int32_t n_past,
+                      float *logits, int32_t all_logits, char *err, int32_t err_len);
+
+int32_t ps_model_n_ctx(const ps_model *m);
+int32_t ps_model_n_threads(const ps_model *m);
+
+#endif

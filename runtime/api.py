@@ -1,0 +1,311 @@
+"""The Python API: ``Runtime`` loads a GGUF model and generates text.
+
+    from prosparse import Runtime
+    with Runtime("model.gguf", n_ctx=2048, threads=2, seed=42) as rt:
+        for piece in rt.generate("Once upon a time", max_tokens=64, stream=True):
+            print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import constants as K
+from .gguf_file import GGUFFile
+from .loader import ModelSpec, read_spec
+from .native import NativeModel
+from .sampling import Sampler, SamplingParams
+
+DEFAULT_N_CTX = 4096
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads share a core's FPUs and
+    memory bandwidth, so llama.cpp defaults to one thread per physical core too)."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        cores, phys = set(), None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    phys = value.strip()
+                elif key == "core id":
+                    cores.add((phys, value.strip()))
+        n = len(cores) or allowed
+    except OSError:
+        n = allowed
+    return max(1, min(n, allowed))
+
+
+@dataclass
+class Timings:
+    """Where the time of the last generation went (llama.cpp's perf counters)."""
+    load_ms: float = 0.0
+    prompt_ms: float = 0.0
+    prompt_tokens: int = 0
+    eval_ms: float = 0.0
+    eval_tokens: int = 0
+    sample_ms: float = 0.0
+    total_ms: float = 0.0
+    stop_reason: str = ""            # "eos", "stop", "length", "context"
+
+    def lines(self) -> list[str]:
+        """llama.cpp's closing timing lines."""
+        def rate(ms: float, n: int) -> str:
+            per = ms / n if n else 0.0
+            tps = 1000.0 * n / ms if ms > 0 else 0.0
+            return f"({per:8.2f} ms per token, {tps:8.2f} tokens per second)"
+        return [
+            f"prosparse_perf:        load time = {self.load_ms:10.2f} ms",
+            f"prosparse_perf: prompt eval time = {self.prompt_ms:10.2f} ms / {self.prompt_tokens:5d} tokens "
+            + rate(self.prompt_ms, self.prompt_tokens),
+            f"prosparse_perf:        eval time = {self.eval_ms:10.2f} ms / {self.eval_tokens:5d} runs   "
+            + rate(self.eval_ms, self.eval_tokens),
+            f"prosparse_perf:       total time = {self.total_ms:10.2f} ms / "
+            f"{self.prompt_tokens + self.eval_tokens:5d} tokens",
+        ]
+
+
+@dataclass
+class _Generation:
+    """State of one generate() call."""
+    params: SamplingParams
+    sampler: Sampler
+    history: list[int] = field(default_factory=list)
+
+
+class Runtime:
+    """A loaded model. ``path=None`` uses the default model (downloaded once into the cache).
+
+    n_ctx: context length in tokens (default: the model's, at most 4096). threads: default
+    one per physical core. seed: makes sampling reproducible (None: a random seed, recorded
+    in ``.seed`` after each generation).
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, n_ctx: int | None = None,
+                 threads: int | None = None, seed: int | None = None):
+        start = time.perf_counter()
+        if path is None:
+            from .model_cache import default_model_path
+            path = default_model_path()
+        self.path = Path(path)
+        self._gguf = GGUFFile(self.path)
+        try:
+            self.spec: ModelSpec = read_spec(self._gguf)
+            self.tokenizer = self._load_tokenizer()
+            if n_ctx is None:
+                n_ctx = min(DEFAULT_N_CTX, self.spec.context_length)
+            if n_ctx <= 0:
+                raise ValueError(f"n_ctx must be positive, got {n_ctx}")
+            self.threads = threads if threads is not None else physical_cores()
+            if self.threads <= 0:
+                raise ValueError(f"threads must be positive, got {self.threads}")
+            self._model = NativeModel(self._gguf, self.spec, n_ctx, self.threads)
+        except BaseException:
+            self._gguf.close()
+            raise
+        self.n_ctx = n_ctx
+        self.seed = seed
+        self._cached: list[int] = []      # tokens whose keys/values the C cache holds
+        self.timings = Timings(load_ms=(time.perf_counter() - start) * 1000.0)
+
+    # --- model facts ---------------------------------------------------------------------
+    @property
+    def n_vocab(self) -> int:
+        return self.spec.config["n_vocab"]
+
+    @property
+    def metadata(self) -> dict:
+        return self._gguf.metadata
+
+    def _load_tokenizer(self):
+        if K.KEY_TOKENS not in self._gguf.metadata:
+            return None
+        from .tokenizer import Tokenizer
+        return Tokenizer.from_metadata(self._gguf.metadata, source=str(self.path))
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path}: the file has no tokenizer ({K.KEY_TOKENS} is missing); "
+                             f"pass token ids instead of text")
+        return self.tokenizer
+
+    # --- text <-> tokens -----------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        """Token ids of text; add_bos None follows the file; special: parse <|...|> tokens."""
+        return self._require_tokenizer().encode(text, add_bos=add_bos, parse_special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._require_tokenizer().decode(list(tokens))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self._require_tokenizer().apply_chat_template(messages, add_generation_prompt)
+
+    # --- evaluation ----------------------------------------------------------------------
+    def evaluate(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits (len(tokens), n_vocab) for every position of tokens, evaluated from position 0."""
+        tokens = self._check_prompt(tokens)
+        self._cached = []
+        logits = self._model.eval(tokens, 0, all_logits=True)
+        self._cached = list(tokens)
+        return logits
+
+    def _check_prompt(self, tokens: Sequence[int]) -> list[int]:
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(tokens) > self.n_ctx:
+            raise ValueError(f"the prompt is {len(tokens)} tokens, longer than the context "
+                             f"(n_ctx = {self.n_ctx}); shorten it or raise n_ctx (-c)")
+        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.n_vocab})")
+        return tokens
+
+    def _prefill(self, tokens: list[int]) -> np.ndarray:
+        """Logits after tokens, reusing the cached prefix (chat turns re-send the history)."""
+        common = 0
+        limit = min(len(self._cached), len(tokens) - 1)   # re-evaluate at least the last token
+        while common < limit and self._cached[common] == tokens[common]:
+            common += 1
+        self._cached = self._cached[:common]
+        logits = self._model.eval(tokens[common:], common)
+        self._cached = list(tokens)
+        return logits
+
+    def _step(self, token: int) -> np.ndarray:
+        logits = self._model.eval([token], len(self._cached))
+        self._cached.append(token)
+        return logits
+
+    # --- generation ----------------------------------------------------------------------
+    def generate_tokens(self, prompt: Sequence[int], max_tokens: int = 256, *, ignore_eos: bool = False,
+                        seed: int | None = None, **sampling) -> Iterator[int]:
+        """Yields generated token ids. Sampling keywords as SamplingParams (temperature=0: greedy).
+        Stops at an end-of-generation token (unless ignore_eos), max_tokens (< 0: no limit) or a
+        full context. ``self.timings`` describes the run when the iterator is exhausted."""
+        tokens = self._check_prompt(prompt)
+        params = SamplingParams(**sampling)
+        seed = seed if seed is not None else self.seed
+        sampler = Sampler(params, seed=seed)
+        self.seed = sampler.seed
+        t = self.timings = Timings(load_ms=self.timings.load_ms, prompt_tokens=len(tokens))
+        start = time.perf_counter()
+        logits = self._prefill(tokens)
+        t.prompt_ms = (time.perf_counter() - start) * 1000.0
+        history = list(tokens)
+        n_generated = 0
+        try:
+            while True:
+                if 0 <= max_tokens <= n_generated:
+                    t.stop_reason = "length"
+                    return
+                s0 = time.perf_counter()
+                token = sampler.sample(logits, history)
+                t.sample_ms += (time.perf_counter() - s0) * 1000.0
+                if not ignore_eos and self.tokenizer is not None and self.tokenizer.is_eog(token):
+                    t.stop_reason = "eos"
+                    return
+                n_generated += 1
+                history.append(token)
+                yield token
+                if len(self._cached) >= self.n_ctx:
+                    t.stop_reason = "context"
+                    return
+                e0 = time.perf_counter()
+                logits = self._step(token)
+                t.eval_ms += (time.perf_counter() - e0) * 1000.0
+                t.eval_tokens += 1
+        finally:
+            t.total_ms = (time.perf_counter() - start) * 1000.0
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, temperature: float = 0.8,
+                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                 repeat_last_n: int = 64, stop: str | Sequence[str] | None = None, stream: bool = False,
+                 seed: int | None = None, ignore_eos: bool = False, add_bos: bool | None = None):
+        """Continues prompt (text, or token ids). Returns the generated text, or with
+        stream=True an iterator of text pieces that never split a UTF-8 character. Generation
+        ends at EOS, at max_tokens, when the context is full, or before the first stop string."""
+        tokenizer = self._require_tokenizer()
+        tokens = self.tokenize(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        ids = self.generate_tokens(tokens, max_tokens, ignore_eos=ignore_eos, seed=seed,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                   repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n)
+        pieces = _text_pieces(ids, tokenizer, stops, self._mark_stop)
+        return pieces if stream else "".join(pieces)
+
+    def _mark_stop(self, reason: str) -> None:
+        self.timings.stop_reason = reason
+
+    def chat(self, messages: list[dict], **kwargs):
+        """generate() on the chat template applied to messages ([{"role": ..., "content": ...}])."""
+        return self.generate(self.apply_chat_template(messages), **kwargs)
+
+    # --- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        model = getattr(self, "_model", None)
+        if model is not None:
+            model.close()
+            self._model = None
+        self._gguf.close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _text_pieces(ids: Iterator[int], tokenizer, stops: list[str], on_stop) -> Iterator[str]:
+    """Detokenises ids incrementally; holds back text that could begin a stop string."""
+    from .tokenizer import StreamDecoder
+    decoder = StreamDecoder(tokenizer)
+    pending = ""
+    try:
+        for token in ids:
+            pending += decoder.feed(token)
+            if not stops:
+                if pending:
+                    yield pending
+                    pending = ""
+                continue
+            hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
+            if hits:
+                if min(hits) > 0:
+                    yield pending[:min(hits)]
+                on_stop("stop")
+                return
+            keep = _longest_stop_prefix_suffix(pending, stops)
+            if len(pending) > keep:
+                yield pending[:len(pending) - keep]
+                pending = pending[len(pending) - keep:]
+        pending += decoder.flush()
+        if stops:
+            hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
+            if hits:
+                pending = pending[:min(hits)]
+                on_stop("stop")
+        if pending:
+            yield pending
+    finally:
+        ids.close()
+
+
+def _longest_stop_prefix_suffix(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
