@@ -1,0 +1,19 @@
+"""Shared fixtures: tiny random LLaMA models built with transformers, written to GGUF."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from prosparse import constants as K
+
+
+def pytest_configure(config):
+    np.set_printoptions(precision=5, suppress=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF (downloaded once into the cache)."""
+    from prosparse.model_cache import default_model_path
+    return default_model_path(progress=False)
