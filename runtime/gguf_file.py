@@ -189,8 +189,8 @@ class GGUFFile:
         n_kv = self._scalar("<Q", "the metadata count")
         # every key/value takes >= 12 bytes and every tensor info >= 24: cheap sanity bounds
         if n_kv * 12 > self.size or n_tensors * 24 > self.size:
-            raise self._fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, "
-                             f"more than a {self.size}-byte file can hold")
+            raise self._fail(f"truncated or corrupt file: the header claims {n_kv} metadata entries "
+                             f"and {n_tensors} tensors, more than a {self.size}-byte file can hold")
         for i in range(n_kv):
             key = self._string(f"metadata key #{i}")
             self.metadata[key] = self._value(self._value_type(f"the type of {key!r}"), key)
