@@ -1,0 +1,437 @@
+"""Tensor-type kernels (native/kernels.c).
+
+- the scalar table against gguf-py's quantisers and dequantisers, bit for bit;
+- every SIMD table the CPU runs against its scalar twin, odd sizes included;
+- f16 / bf16 conversions against numpy (all 65536 half bit patterns);
+- lookups: row sizes, unknown types and ISAs, CPU detection.
+
+Every buffer a kernel touches is malloc'ed at exactly its size, so that under AddressSanitizer
+(see README, "Testing") a read or write past a row's end is reported.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+
+import cffi
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+from prosparse._native import ffi, lib
+
+# name -> (PS_TYPE_*, gguf type)
+TYPES = {
+    "f32": (lib.PS_TYPE_F32, GGMLQuantizationType.F32),
+    "f16": (lib.PS_TYPE_F16, GGMLQuantizationType.F16),
+    "bf16": (lib.PS_TYPE_BF16, GGMLQuantizationType.BF16),
+    "q8_0": (lib.PS_TYPE_Q8_0, GGMLQuantizationType.Q8_0),
+    "q4_0": (lib.PS_TYPE_Q4_0, GGMLQuantizationType.Q4_0),
+    "q4_1": (lib.PS_TYPE_Q4_1, GGMLQuantizationType.Q4_1),
+}
+QUANTISED = ("q8_0", "q4_0", "q4_1")
+ISAS = {"scalar": lib.PS_ISA_SCALAR, "avx2": lib.PS_ISA_AVX2, "avx512": lib.PS_ISA_AVX512,
+        "neon": lib.PS_ISA_NEON}
+# the CPU features each ISA's kernels need, as /proc/cpuinfo spells them
+CPU_FLAGS = {"avx2": {"avx2", "fma", "f16c"},
+             "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"},
+             "neon": {"asimd"}}
+
+SIZES_PLAIN = [1, 3, 17, 31, 33, 63, 64, 65, 100, 1001, 1536]
+SIZES_BLOCKS = [32, 96, 160, 576, 1568]
+REL_TOL = 1e-5  # of sum |w_i x_i|: float summation in another order
+
+
+def sizes(name: str) -> list[int]:
+    return SIZES_BLOCKS if name in QUANTISED else SIZES_PLAIN
+
+
+def require_isa(isa_name: str) -> int:
+    isa = ISAS[isa_name]
+    if not lib.ps_kernels_isa_available(isa):
+        pytest.skip(f"this CPU cannot run {isa_name} kernels")
+    return isa
+
+
+def traits(name: str, isa: int):
+    t = lib.ps_type_traits_for(TYPES[name][0], isa)
+    assert t != ffi.NULL, (name, isa)
+    return t
+
+
+# ------------------------------------------------------------------------------------------
+# Exact-size buffers
+
+_libc_ffi = cffi.FFI()
+_libc_ffi.cdef("void *malloc(size_t size); void free(void *ptr);")
+_libc = _libc_ffi.dlopen(None)
+
+
+class Heap:
+    """malloc'ed copies of arrays, exactly as large as the array (numpy and cffi may place small
+    arrays inside larger pools, where AddressSanitizer cannot see an overrun)."""
+
+    def __init__(self):
+        self._blocks = []
+
+    def put(self, array: np.ndarray, ctype: str):
+        array = np.ascontiguousarray(array)
+        block = _libc.malloc(array.nbytes)
+        assert block != _libc_ffi.NULL
+        self._blocks.append(block)
+        _libc_ffi.memmove(block, array, array.nbytes)
+        return ffi.cast(ctype, int(_libc_ffi.cast("uintptr_t", block)))
+
+    def alloc(self, nbytes: int, ctype: str):
+        return self.put(np.zeros(nbytes, np.uint8), ctype)
+
+    def free(self):
+        for block in self._blocks:
+            _libc.free(block)
+        self._blocks.clear()
+
+
+@pytest.fixture
+def heap():
+    h = Heap()
+    yield h
+    h.free()
+
+
+def read(ptr, dtype, count: int) -> np.ndarray:
+    return np.frombuffer(ffi.buffer(ptr, count * np.dtype(dtype).itemsize), dtype).copy()
+
+
+# ------------------------------------------------------------------------------------------
+# Calling a traits row
+
+def from_float(t, x: np.ndarray, heap: Heap) -> np.ndarray:
+    n = len(x)
+    nbytes = n // t.block_size * t.block_bytes
+    row = heap.alloc(nbytes, "void *")
+    t.from_float(heap.put(x.astype(np.float32), "float *"), row, n)
+    return read(row, np.uint8, nbytes)
+
+
+def to_float(t, row: np.ndarray, n: int, heap: Heap) -> np.ndarray:
+    out = heap.alloc(4 * n, "float *")
+    t.to_float(heap.put(row, "void *"), out, n)
+    return read(out, np.float32, n)
+
+
+def dot(t, row: np.ndarray, x: np.ndarray, heap: Heap) -> float:
+    return t.dot(heap.put(row, "void *"), heap.put(x.astype(np.float32), "float *"), len(x))
+
+
+def axpy(t, a: float, row: np.ndarray, y: np.ndarray, heap: Heap) -> np.ndarray:
+    yp = heap.put(y.astype(np.float32), "float *")
+    t.axpy(a, heap.put(row, "void *"), yp, len(y))
+    return read(yp, np.float32, len(y))
+
+
+def random_floats(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Normal values whose scale varies block to block (1e-3 .. 1e3)."""
+    scale = np.exp(rng.uniform(-7, 7, size=(n + 31) // 32)).repeat(32)[:n]
+    return (rng.standard_normal(n) * scale).astype(np.float32)
+
+
+def random_row(name: str, n: int, rng: np.random.Generator, heap: Heap) -> np.ndarray:
+    """A row of type `name`: quantised random floats, then (quantised types) every code byte
+    redrawn so that all codes occur, keeping each block's scales."""
+    row = from_float(traits(name, lib.PS_ISA_SCALAR), random_floats(rng, n), heap)
+    if name in QUANTISED:
+        block_size, block_bytes = GGML_QUANT_SIZES[TYPES[name][1]]
+        codes = block_size if name == "q8_0" else block_size // 2
+        blocks = row.reshape(-1, block_bytes)
+        blocks[:, -codes:] = rng.integers(0, 256, size=(len(blocks), codes), dtype=np.uint8)
+    return row
+
+
+def assert_axpy_close(got, a: float, w: np.ndarray, y: np.ndarray, expected):
+    """Within a few roundings of y + a*w."""
+    bound = 1e-6 * (np.abs(y) + np.abs(a * w.astype(np.float64))) + 1e-30
+    assert np.all(np.abs(got - np.asarray(expected, np.float64)) <= bound)
+
+
+# ------------------------------------------------------------------------------------------
+# Lookups
+
+@pytest.mark.parametrize("name", TYPES)
+def test_traits_describe_ggml_layout(name):
+    type_id, qtype = TYPES[name]
+    block_size, block_bytes = GGML_QUANT_SIZES[qtype]
+    t = traits(name, -1)
+    assert ffi.string(t.name).decode() == name
+    assert (t.block_size, t.block_bytes) == (block_size, block_bytes)
+    for n_blocks in (0, 1, 3, 48):
+        assert lib.ps_row_bytes(type_id, n_blocks * block_size) == n_blocks * block_bytes
+    assert lib.ps_row_bytes(type_id, -block_size) == 0
+    if block_size > 1:
+        assert lib.ps_row_bytes(type_id, block_size + 1) == 0
+        assert lib.ps_row_bytes(type_id, block_size - 1) == 0
+
+
+@pytest.mark.parametrize("type_id", [-1, 4, 5, 6, 7, 9, 29, 31, 1000])
+def test_unknown_type_has_no_traits(type_id):
+    assert lib.ps_type_traits_for(type_id, -1) == ffi.NULL
+    assert lib.ps_type_traits_for(type_id, lib.PS_ISA_SCALAR) == ffi.NULL
+    assert lib.ps_row_bytes(type_id, 32) == 0
+
+
+def test_isa_lookup():
+    assert lib.ps_kernels_isa_available(lib.PS_ISA_SCALAR)
+    best = lib.ps_kernels_best_isa()
+    assert lib.ps_kernels_isa_available(best)
+    available = [isa for isa in ISAS.values() if lib.ps_kernels_isa_available(isa)]
+    assert best == max(available)  # enum order is preference order
+    for name, isa in ISAS.items():
+        assert ffi.string(lib.ps_kernels_isa_name(isa)).decode() == name
+        t = lib.ps_type_traits_for(lib.PS_TYPE_Q4_0, isa)
+        assert (t != ffi.NULL) == (isa in available)
+    for bad in (-2, lib.PS_ISA_COUNT, 99):
+        assert not lib.ps_kernels_isa_available(bad)
+        assert lib.ps_type_traits_for(lib.PS_TYPE_F32, bad) == ffi.NULL
+    assert lib.ps_type_traits_for(lib.PS_TYPE_F32, -1) == lib.ps_type_traits_for(lib.PS_TYPE_F32, best)
+
+
+def test_isa_detection_matches_cpuinfo():
+    """No ISA is skipped on a CPU that has it (Linux: /proc/cpuinfo lists what the kernel enabled)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo on this system")
+    flags = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    for name, needed in CPU_FLAGS.items():
+        assert bool(lib.ps_kernels_isa_available(ISAS[name])) == needed.issubset(flags), name
+
+
+# ------------------------------------------------------------------------------------------
+# Scalar reference against gguf-py (which matches ggml's C reference bit for bit)
+
+def special_blocks() -> np.ndarray:
+    """Blocks of 32 that exercise the quantisers' edge cases: zeros, constants, rounding ties,
+    equal magnitudes of both signs, tiny and large scales."""
+    ramp = np.arange(32, dtype=np.float32)
+    blocks = [
+        np.zeros(32), np.full(32, 3.25), np.full(32, -7.0),
+        np.r_[127.0, np.arange(31) - 15.5],          # q8_0: d = 1, ties at .5
+        np.r_[-8.0, np.arange(31) / 2 - 7.5],        # q4_0: d = 1, ties at .5
+        np.r_[0.0, 15.0, np.arange(30) / 2],         # q4_1: d = 1, ties at .5
+        np.r_[-3.0, 3.0, ramp[:30] / 10],            # first of equal magnitudes wins
+        np.r_[3.0, -3.0, ramp[:30] / 10],
+        (ramp - 16) * 1e-6, (ramp - 16) * 3e-9, (ramp - 16) * 1e3,
+    ]
+    return np.concatenate(blocks).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_scalar_from_float_matches_gguf(name, heap):
+    rng = np.random.default_rng(1)
+    t = traits(name, lib.PS_ISA_SCALAR)
+    for x in [random_floats(rng, n) for n in sizes(name)] + [special_blocks()]:
+        expected = quants.quantize(x, TYPES[name][1]).view(np.uint8).reshape(-1)
+        np.testing.assert_array_equal(from_float(t, x, heap), expected, err_msg=f"n={len(x)}")
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_scalar_to_float_matches_gguf(name, heap):
+    rng = np.random.default_rng(2)
+    t = traits(name, lib.PS_ISA_SCALAR)
+    for n in sizes(name):
+        row = random_row(name, n, rng, heap)
+        expected = quants.dequantize(row, TYPES[name][1]).astype(np.float32).reshape(-1)
+        np.testing.assert_array_equal(to_float(t, row, n, heap).view(np.uint32),
+                                      expected.view(np.uint32), err_msg=f"n={n}")
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_scalar_dot_axpy_match_numpy(name, heap):
+    rng = np.random.default_rng(3)
+    t = traits(name, lib.PS_ISA_SCALAR)
+    for n in sizes(name):
+        row, x, y = random_row(name, n, rng, heap), rng.standard_normal(n), rng.standard_normal(n)
+        w = to_float(t, row, n, heap).astype(np.float64)
+        x, y = x.astype(np.float32).astype(np.float64), y.astype(np.float32).astype(np.float64)
+        assert abs(dot(t, row, x, heap) - w @ x) <= REL_TOL * (np.abs(w * x).sum() + 1e-30)
+        assert_axpy_close(axpy(t, -0.75, row, y, heap), -0.75, w, y, y - 0.75 * w)
+
+
+# ------------------------------------------------------------------------------------------
+# Every ISA against the scalar reference
+
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("name", TYPES)
+def test_isa_matches_scalar(isa_name, name, heap):
+    isa = require_isa(isa_name)
+    ref, t = traits(name, lib.PS_ISA_SCALAR), traits(name, isa)
+    rng = np.random.default_rng(4)
+    for n in sizes(name):
+        row = random_row(name, n, rng, heap)
+        x, y = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+        w = to_float(ref, row, n, heap)
+        # dequantisation is exact in every ISA
+        np.testing.assert_array_equal(to_float(t, row, n, heap).view(np.uint32), w.view(np.uint32),
+                                      err_msg=f"to_float n={n}")
+        tol = REL_TOL * (np.abs(w.astype(np.float64) * x).sum() + 1e-30)
+        assert abs(dot(t, row, x, heap) - dot(ref, row, x, heap)) <= tol, f"dot n={n}"
+        assert_axpy_close(axpy(t, 1.7, row, y, heap), 1.7, w, y, axpy(ref, 1.7, row, y, heap))
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("name", TYPES)
+def test_every_element_counts(isa_name, name, heap):
+    """Exact checks that see each position: dot with a one-hot x picks w[j]; axpy of a = 1
+    into zeros reproduces the row."""
+    isa = require_isa(isa_name)
+    t = traits(name, isa)
+    rng = np.random.default_rng(5)
+    for n in sizes(name):
+        row = random_row(name, n, rng, heap)
+        w = to_float(traits(name, lib.PS_ISA_SCALAR), row, n, heap)
+        for j in sorted({0, n // 2, n - 17, n - 2, n - 1} & set(range(n))):
+            e = np.zeros(n, np.float32)
+            e[j] = 1.0
+            assert dot(t, row, e, heap) == w[j], f"n={n} j={j}"
+        np.testing.assert_array_equal(axpy(t, 1.0, row, np.zeros(n, np.float32), heap), w,
+                                      err_msg=f"n={n}")
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("name", QUANTISED)
+def test_corrupted_block_changes_results(isa_name, name, heap):
+    """The checks above can fail: a block with another scale or another code reads differently."""
+    isa = require_isa(isa_name)
+    t = traits(name, isa)
+    rng = np.random.default_rng(6)
+    n = 160
+    row = random_row(name, n, rng, heap)
+    x = rng.standard_normal(n).astype(np.float32)
+    block_bytes = t.block_bytes
+    w, d = to_float(t, row, n, heap), dot(t, row, x, heap)
+
+    scaled = row.copy()
+    scaled[2 * block_bytes + 1] ^= 0x04  # block 2: d's exponent
+    assert dot(t, scaled, x, heap) != d
+    changed = np.flatnonzero(to_float(t, scaled, n, heap) != w)
+    assert changed.size and changed.min() >= 64 and changed.max() < 96
+
+    recoded = row.copy()
+    recoded[-1] ^= 0x11  # last block: its last code byte
+    changed = np.flatnonzero(to_float(t, recoded, n, heap) != w)
+    assert changed.size and changed.min() >= 128
+    assert dot(t, recoded, x, heap) != d
+
+
+# ------------------------------------------------------------------------------------------
+# f16 / bf16
+
+ALL_HALVES = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+
+
+def assert_same_floats(got: np.ndarray, expected: np.ndarray):
+    """Bit-equal, except that any NaN matches any NaN."""
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+def test_f16_to_f32_all_bit_patterns(isa_name, heap):
+    isa = require_isa(isa_name)
+    expected = ALL_HALVES.view(np.float16).astype(np.float32)
+    assert_same_floats(to_float(traits("f16", isa), ALL_HALVES, len(ALL_HALVES), heap), expected)
+    if isa == lib.PS_ISA_SCALAR:
+        got = np.array([lib.ps_f16_to_f32(int(h)) for h in ALL_HALVES], np.float32)
+        assert_same_floats(got, expected)
+
+
+def f32_to_f16_cases(rng: np.random.Generator) -> np.ndarray:
+    """Random bit patterns, every midpoint between neighbouring halves (the ties) and its float
+    neighbours, and the edges of the range."""
+    finite = ALL_HALVES[:0x7c00].view(np.float16).astype(np.float64)
+    mid = ((finite[:-1] + finite[1:]) / 2).astype(np.float32)  # exact: 12 significant bits
+    edges = np.array([65504, 65519.99, 65520, 65536, 1e6, 2.0**-14, 2.0**-24, 2.0**-25,
+                      2.0**-25 * 1.001, 2.0**-26, 1e-45, 0.0, np.inf], np.float32)
+    cases = np.concatenate([rng.integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32)
+                            .view(np.float32), mid, np.nextafter(mid, np.float32(0)),
+                            np.nextafter(mid, np.float32(np.inf)), edges])
+    return np.concatenate([cases, -cases])
+
+
+def test_f32_to_f16_rounds_like_numpy(heap):
+    x = f32_to_f16_cases(np.random.default_rng(7))
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = x.astype(np.float16).view(np.uint16)
+    got = from_float(traits("f16", lib.PS_ISA_SCALAR), x, heap).view(np.uint16)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(got[~nan], expected[~nan])
+    assert np.all(got[nan] & 0x7e00 == 0x7e00)  # quiet NaNs
+    for i in np.random.default_rng(8).choice(np.flatnonzero(~nan), 2000, replace=False):
+        assert lib.ps_f32_to_f16(float(x[i])) == got[i]
+    # and back: every half survives the round trip
+    finite = ALL_HALVES[(ALL_HALVES & 0x7c00) != 0x7c00]
+    back = from_float(traits("f16", lib.PS_ISA_SCALAR), finite.view(np.float16).astype(np.float32),
+                      heap)
+    np.testing.assert_array_equal(back.view(np.uint16), finite)
+
+
+def test_bf16_conversions(heap):
+    bf16 = traits("bf16", lib.PS_ISA_SCALAR)
+    widened = ALL_HALVES.astype(np.uint32) << 16
+    got = to_float(bf16, ALL_HALVES, len(ALL_HALVES), heap)
+    np.testing.assert_array_equal(got.view(np.uint32), widened)
+    assert lib.ps_bf16_to_f32(0x3fc0) == 1.5
+
+    # f32 -> bf16 against an independent reference: the nearer of the two bf16 neighbours
+    # (in float64), ties to the even one; past the largest bf16 the upper neighbour is 2^128.
+    rng = np.random.default_rng(9)
+    bits = rng.integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32)
+    ties = (rng.integers(0, 1 << 16, 20_000, dtype=np.uint64).astype(np.uint32) << 16) | 0x8000
+    bits = np.concatenate([bits, ties, ties ^ 1, np.array([0x7f7fffff, 0x7f7f8000, 0x7f800000,
+                                                            0xff800000, 0x7fc00001, 0xffa00000],
+                                                           np.uint32)])
+    x = bits.view(np.float32)
+    nan = np.isnan(x)
+    lo = bits >> 16
+    hi = lo + 1
+    with np.errstate(over="ignore", invalid="ignore"):
+        lo_v = (lo << 16).view(np.float32).astype(np.float64)
+        hi_v = np.where((hi & 0x7fff) == 0x7f80, np.copysign(2.0**128, lo_v),
+                        ((hi & 0xffff) << 16).astype(np.uint32).view(np.float32).astype(np.float64))
+        dist_lo, dist_hi = np.abs(x - lo_v), np.abs(hi_v - x)
+    expected = np.where((dist_hi < dist_lo) | ((dist_hi == dist_lo) & ((lo & 1) == 1)), hi, lo)
+    expected = np.where(nan, lo | 0x40, expected).astype(np.uint16)  # NaN: forced quiet (ggml)
+    got = from_float(bf16, x, heap).view(np.uint16)
+    np.testing.assert_array_equal(got, expected)
+    for i in rng.choice(np.flatnonzero(~nan), 2000, replace=False):
+        assert lib.ps_f32_to_bf16(float(x[i])) == got[i]
+
+
+# ------------------------------------------------------------------------------------------
+# f32 helpers used by the forward pass
+
+def test_dot_axpy_f32_dispatch(heap):
+    rng = np.random.default_rng(10)
+    for n in SIZES_PLAIN:
+        a, b = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+        exact = a.astype(np.float64) @ b
+        got = lib.ps_dot_f32(heap.put(a, "float *"), heap.put(b, "float *"), n)
+        assert abs(got - exact) <= REL_TOL * np.abs(a.astype(np.float64) * b).sum()
+        yp = heap.put(b, "float *")
+        lib.ps_axpy_f32(0.5, heap.put(a, "float *"), yp, n)
+        assert_axpy_close(read(yp, np.float32, n), 0.5, a, b, b + 0.5 * a.astype(np.float64))
+
+
+def test_dot_f32_from_threads(heap):
+    """The dispatch is shared by the forward pass's threads (cffi releases the GIL)."""
+    n = 1001
+    a, b = np.linspace(-1, 1, n, dtype=np.float32), np.linspace(2, -3, n, dtype=np.float32)
+    ap, bp = heap.put(a, "float *"), heap.put(b, "float *")
+    single = lib.ps_dot_f32(ap, bp, n)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: lib.ps_dot_f32(ap, bp, n), range(200)))
+    assert results == [single] * 200
