@@ -204,10 +204,7 @@ class Runtime:
         history = list(tokens)
         n_generated = 0
         try:
-            while True:
-                if 0 <= max_tokens <= n_generated:
-                    t.stop_reason = "length"
-                    return
+            while max_tokens != 0:
                 s0 = time.perf_counter()
                 token = sampler.sample(logits, history)
                 t.sample_ms += (time.perf_counter() - s0) * 1000.0
@@ -217,6 +214,8 @@ class Runtime:
                 n_generated += 1
                 history.append(token)
                 yield token
+                if 0 <= max_tokens <= n_generated:
+                    break
                 if len(self._cached) >= self.n_ctx:
                     t.stop_reason = "context"
                     return
@@ -224,6 +223,7 @@ class Runtime:
                 logits = self._step(token)
                 t.eval_ms += (time.perf_counter() - e0) * 1000.0
                 t.eval_tokens += 1
+            t.stop_reason = "length"
         finally:
             t.total_ms = (time.perf_counter() - start) * 1000.0
 
