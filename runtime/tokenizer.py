@@ -18,6 +18,7 @@ from __future__ import annotations
 import codecs
 import functools
 import heapq
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -54,8 +55,8 @@ SPM_SPACE = "\u2581"  # ▁, SentencePiece's visible space
 
 # Tokens cut out of the text before the model runs. Control and unknown ones only with
 # parse_special; user-defined ones always (llama.cpp and HF tokenizers agree on that).
-_SPECIAL_TYPES = (TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNKNOWN)
-_HIDDEN_TYPES = (TokenType.CONTROL, TokenType.UNKNOWN)  # rendered as b"" unless asked for
+_SPECIAL_TYPES = frozenset({TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNKNOWN})
+_HIDDEN_TYPES = frozenset({TokenType.CONTROL, TokenType.UNKNOWN})  # rendered as b"" unless asked for
 
 # Texts llama.cpp treats as end of generation in any vocabulary (it finds them by text, because
 # converters rarely record them), including its FIM pad / repo / file-separator tokens.
@@ -279,6 +280,9 @@ class _ByteLevelBPE:
         return _unspell_bytes(text)
 
 
+_SPM_WORDS = regex.compile(f"{SPM_SPACE}*[^{SPM_SPACE}]+|{SPM_SPACE}+")  # ▁s, then the word they lead
+
+
 class _SentencePieceBPE:
     """``llama``: merge best score first, only into existing tokens; byte fallback for the rest."""
 
@@ -301,7 +305,7 @@ class _SentencePieceBPE:
 
     def _segments(self, text: str) -> list[str]:
         segments: list[str] = []
-        for part in regex.findall(f"{SPM_SPACE}*[^{SPM_SPACE}]+|{SPM_SPACE}+", text):
+        for part in _SPM_WORDS.findall(text):
             if segments and segments[-1][-1] in self._joins_space:
                 segments[-1] += part
             else:
@@ -318,8 +322,9 @@ class _SentencePieceBPE:
             token = self._vocab.get(symbol)
             if token is not None:
                 ids.append(token)
-            elif self._byte_ids:
-                ids.extend(self._byte_ids[b] for b in symbol.encode("utf-8"))
+            elif self._byte_ids:  # byte fallback; <unk> for a byte token the vocabulary lacks
+                fallback = (self._byte_ids.get(b, self._unk_id) for b in symbol.encode("utf-8"))
+                ids.extend(t for t in fallback if t is not None)
             elif self._unk_id is not None:
                 ids.append(self._unk_id)
         return tuple(ids)
@@ -338,12 +343,59 @@ def _required(meta: dict, key: str, source: str, what: str):
     return meta[key]
 
 
+def _vocabulary(meta: dict, source: str) -> tuple[list[str], dict[str, int], list[int]]:
+    """Token texts, text -> id, and token types (all normal when the file gives none)."""
+    tokens = list(_required(meta, KEY_TOKENS, source, "the file has no vocabulary; re-convert it"))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        dup = next(t for i, t in enumerate(tokens) if vocab[t] != i)
+        raise ValueError(f"{source}: {KEY_TOKENS} has {dup!r} twice (ids {tokens.index(dup)} and "
+                         f"{vocab[dup]}); re-convert the model")
+    types = [int(t) for t in meta.get(KEY_TOKEN_TYPE, [TokenType.NORMAL] * len(tokens))]
+    if len(types) < len(tokens):
+        raise ValueError(f"{source}: {KEY_TOKEN_TYPE} has {len(types)} entries for {len(tokens)} "
+                         "tokens; re-convert the model")
+    return tokens, vocab, types
+
+
+def _byte_level_model(meta: dict, vocab: dict[str, int], source: str) -> tuple[_ByteLevelBPE, PreTokenizer]:
+    pre_name = meta.get(KEY_TOKENIZER_PRE, "default")
+    if pre_name not in PRE_TOKENIZERS:
+        raise ValueError(f"{source}: {KEY_TOKENIZER_PRE} = {pre_name!r} is not a pre-tokenizer we know; "
+                         f"supported: {', '.join(sorted(PRE_TOKENIZERS))}")
+    merges = _required(meta, KEY_MERGES, source, "a gpt2 (BPE) tokenizer needs its merges")
+    pre = PRE_TOKENIZERS[pre_name]
+    return _ByteLevelBPE(vocab, list(merges), pre, source), pre
+
+
+def _sentencepiece_model(meta: dict, tokens: list[str], vocab: dict[str, int], types: list[int],
+                         unk_id: int | None, source: str) -> _SentencePieceBPE:
+    what = "a llama (SentencePiece) tokenizer needs token scores"
+    scores = [float(s) for s in _required(meta, KEY_SCORES, source, what)]
+    if len(scores) < len(tokens):
+        raise ValueError(f"{source}: {KEY_SCORES} has {len(scores)} entries for {len(tokens)} tokens")
+    byte_ids = {int(tokens[i][3:5], 16): i for i, t in enumerate(types) if t == TokenType.BYTE}
+    return _SentencePieceBPE(vocab, scores, byte_ids, unk_id)
+
+
 def _token_id(meta: dict, key: str, default: int | None, n_vocab: int, source: str) -> int | None:
-    token = meta.get(key, default)
+    """The id under ``key``. Like llama.cpp, an id outside the vocabulary (converters do write
+    padding ids past the end) is ignored with a warning and the default kept."""
+    token = meta.get(key)
     if token is not None and not 0 <= token < n_vocab:
-        raise ValueError(f"{source}: {key} = {token} is outside the vocabulary (0..{n_vocab - 1}); "
-                         "fix the metadata or re-convert the model")
-    return token
+        warnings.warn(f"{source}: {key} = {token} is outside the vocabulary (0..{n_vocab - 1}); "
+                      f"using {default}", stacklevel=4)
+        token = None
+    return default if token is None else int(token)
+
+
+def _eog_ids(tokens: list[str], types: list[int], special_ids: Iterable[int | None]) -> set[int]:
+    """End-of-generation ids: the given ones and the tokens llama.cpp knows by text, which it
+    makes control tokens whatever the file says (``types`` is updated)."""
+    eog = {i for i, t in enumerate(tokens) if t in _EOG_TEXTS}
+    for i in eog:
+        types[i] = TokenType.CONTROL
+    return eog | {i for i in special_ids if i is not None}
 
 
 class Tokenizer:
@@ -374,62 +426,35 @@ class Tokenizer:
         """Build from GGUF metadata (key -> plain value). Raises ValueError naming ``source`` and
         the key when the metadata does not describe a tokenizer we can run."""
         model_name = _required(meta, KEY_TOKENIZER_MODEL, source, "the file has no tokenizer")
-        tokens = list(_required(meta, KEY_TOKENS, source, "the file has no vocabulary; re-convert it"))
+        tokens, vocab, types = _vocabulary(meta, source)
         n_vocab = len(tokens)
-        vocab = {t: i for i, t in enumerate(tokens)}
-        if len(vocab) != n_vocab:
-            dup = next(t for i, t in enumerate(tokens) if vocab[t] != i)
-            raise ValueError(f"{source}: {KEY_TOKENS} has {dup!r} twice (ids {tokens.index(dup)} and "
-                             f"{vocab[dup]}); re-convert the model")
-        token_types = [int(t) for t in meta.get(KEY_TOKEN_TYPE, [TokenType.NORMAL] * n_vocab)]
-        if len(token_types) < n_vocab:
-            raise ValueError(f"{source}: {KEY_TOKEN_TYPE} has {len(token_types)} entries for "
-                             f"{n_vocab} tokens; re-convert the model")
-
         if model_name == MODEL_BPE:
-            pre_name = meta.get(KEY_TOKENIZER_PRE, "default")
-            if pre_name not in PRE_TOKENIZERS:
-                raise ValueError(f"{source}: {KEY_TOKENIZER_PRE} = {pre_name!r} is not a pre-tokenizer "
-                                 f"we know; supported: {', '.join(sorted(PRE_TOKENIZERS))}")
-            pre = PRE_TOKENIZERS[pre_name]
-            merges = _required(meta, KEY_MERGES, source, "a gpt2 (BPE) tokenizer needs its merges")
-            model = _ByteLevelBPE(vocab, list(merges), pre, source)
-            defaults = {"bos": None, "eos": None, "unk": None, "add_bos": pre.add_bos}
-            add_space_prefix = False  # llama.cpp ignores the key for BPE
+            model, pre = _byte_level_model(meta, vocab, source)
+            default_ids, default_add_bos = {}, pre.add_bos
+            add_space_prefix = False  # llama.cpp's BPE encoding never adds it, whatever the key says
         elif model_name == MODEL_SPM:
-            scores = [float(s) for s in _required(meta, KEY_SCORES, source,
-                                                  "a llama (SentencePiece) tokenizer needs token scores")]
-            if len(scores) < n_vocab:
-                raise ValueError(f"{source}: {KEY_SCORES} has {len(scores)} entries for {n_vocab} tokens")
-            byte_ids = {int(tokens[i][3:5], 16): i for i, t in enumerate(token_types) if t == TokenType.BYTE}
-            # llama's ids, llama.cpp's defaults for a file that does not say
-            defaults = {"bos": 1, "eos": 2, "unk": 0, "add_bos": True}
-            unk_id = _token_id(meta, KEY_UNK_ID, defaults["unk"], n_vocab, source)
-            model = _SentencePieceBPE(vocab, scores, byte_ids, unk_id)
+            # llama's ids: llama.cpp's defaults for a file that does not say
+            default_ids, default_add_bos = {KEY_BOS_ID: 1, KEY_EOS_ID: 2, KEY_UNK_ID: 0}, True
+            unk_id = _token_id(meta, KEY_UNK_ID, 0, n_vocab, source)
+            model = _sentencepiece_model(meta, tokens, vocab, types, unk_id, source)
             add_space_prefix = bool(meta.get(KEY_ADD_SPACE_PREFIX, True))
         else:
             raise ValueError(f"{source}: {KEY_TOKENIZER_MODEL} = {model_name!r} is not supported; "
                              f"supported: {MODEL_BPE!r} (byte-level BPE), {MODEL_SPM!r} (SentencePiece)")
 
-        ids = {name: _token_id(meta, key, defaults.get(name), n_vocab, source) for name, key in
-               (("bos", KEY_BOS_ID), ("eos", KEY_EOS_ID), ("unk", KEY_UNK_ID), ("pad", KEY_PAD_ID),
-                ("eot", KEY_EOT_ID), ("eom", KEY_EOM_ID))}
-        add_bos = bool(meta.get(KEY_ADD_BOS, defaults["add_bos"]))
+        ids = {key: _token_id(meta, key, default_ids.get(key), n_vocab, source)
+               for key in (KEY_BOS_ID, KEY_EOS_ID, KEY_UNK_ID, KEY_PAD_ID, KEY_EOT_ID, KEY_EOM_ID)}
+        add_bos = bool(meta.get(KEY_ADD_BOS, default_add_bos))
         add_eos = bool(meta.get(KEY_ADD_EOS, False))
-        for flag, key, name, id_key in ((add_bos, KEY_ADD_BOS, "bos", KEY_BOS_ID),
-                                        (add_eos, KEY_ADD_EOS, "eos", KEY_EOS_ID)):
-            if flag and ids[name] is None:
-                raise ValueError(f"{source}: {key} is true but {id_key} is not set; fix the metadata")
-
-        eog = {i for i, t in enumerate(tokens) if t in _EOG_TEXTS}
-        for i in eog:  # llama.cpp: an end-of-generation token is a control token, whatever it says
-            token_types[i] = TokenType.CONTROL
-        eog.update(ids[name] for name in ("eos", "eot", "eom") if ids[name] is not None)
-
-        return cls(tokens, token_types, model, bos_id=ids["bos"], eos_id=ids["eos"], unk_id=ids["unk"],
-                   pad_id=ids["pad"], eog_ids=eog, add_bos=add_bos, add_eos=add_eos,
-                   add_space_prefix=add_space_prefix, chat_template=meta.get(KEY_CHAT_TEMPLATE),
-                   source=source)
+        for flag, flag_key, id_key in ((add_bos, KEY_ADD_BOS, KEY_BOS_ID),
+                                       (add_eos, KEY_ADD_EOS, KEY_EOS_ID)):
+            if flag and ids[id_key] is None:
+                raise ValueError(f"{source}: {flag_key} is true but {id_key} is not set; fix the metadata")
+        eog = _eog_ids(tokens, types, (ids[KEY_EOS_ID], ids[KEY_EOT_ID], ids[KEY_EOM_ID]))
+        return cls(tokens, types, model, bos_id=ids[KEY_BOS_ID], eos_id=ids[KEY_EOS_ID],
+                   unk_id=ids[KEY_UNK_ID], pad_id=ids[KEY_PAD_ID], eog_ids=eog, add_bos=add_bos,
+                   add_eos=add_eos, add_space_prefix=add_space_prefix,
+                   chat_template=meta.get(KEY_CHAT_TEMPLATE), source=source)
 
     # --- encoding -------------------------------------------------------------------------
 
@@ -498,6 +523,9 @@ class Tokenizer:
     def token_bytes(self, id: int, special: bool = False) -> bytes:
         """Raw bytes ``id`` contributes to the output. Control and unknown tokens give b"" unless
         ``special`` (then their text, like llama.cpp's ``token_to_piece(..., special=true)``)."""
+        if not 0 <= id < self.n_vocab:
+            raise ValueError(f"{self.source}: token id {id} is outside the vocabulary "
+                             f"(0..{self.n_vocab - 1})")
         if not special and self._types[id] in _HIDDEN_TYPES:
             return b""
         return self._pieces[id]
@@ -520,9 +548,9 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for ``messages`` from the file's template (ChatML if it has none)."""
-        special = {name: self.tokens[i] for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id),
-                                                        ("unk_token", self.unk_id), ("pad_token", self.pad_id))
-                   if i is not None}
+        named = (("bos_token", self.bos_id), ("eos_token", self.eos_id),
+                 ("unk_token", self.unk_id), ("pad_token", self.pad_id))
+        special = {name: self.tokens[i] for name, i in named if i is not None}
         return render_chat(self.chat_template, messages, add_generation_prompt, **special)
 
 

@@ -14,8 +14,9 @@ import pytest
 
 from prosparse import constants as C
 from prosparse.chat import CHATML_TEMPLATE
+from prosparse.gguf_file import GGUFFile
 from prosparse.tokenizer import PRE_TOKENIZERS, StreamDecoder, Tokenizer, pre_tokenize
-from prosparse.tokenizer import _compile_splitters, _spell_bytes
+from prosparse.tokenizer import _compile_splitters, _merge_symbols, _spell_bytes
 from smollm2 import smollm2_gguf
 
 CORPUS = [
@@ -71,10 +72,9 @@ def real_text() -> str:
 
 
 def read_metadata(path) -> dict:
-    """GGUF key -> plain value (the tests' own reader; the runtime has prosparse.gguf_model)."""
-    from gguf import GGUFReader
-
-    return {name: field.contents() for name, field in GGUFReader(path).fields.items()}
+    """The runtime's own reader, so the tokenizer sees what it gets in use (numpy arrays included)."""
+    with GGUFFile(path) as gguf:
+        return gguf.metadata
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def read_metadata(path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def smollm2_path():
+def smol_gguf():
     try:
         return smollm2_gguf()
     except FileNotFoundError as missing:
@@ -90,16 +90,16 @@ def smollm2_path():
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_path) -> Tokenizer:
-    return Tokenizer.from_metadata(read_metadata(smollm2_path), source=smollm2_path.name)
+def smol(smol_gguf) -> Tokenizer:
+    return Tokenizer.from_metadata(read_metadata(smol_gguf), source=smol_gguf.name)
 
 
 @pytest.fixture(scope="module")
-def smol_hf(smollm2_path):
+def smol_hf(smol_gguf):
     from tokenizers import pre_tokenizers
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+    hf = AutoTokenizer.from_pretrained(smol_gguf.parent, gguf_file=smol_gguf.name)
     # transformers' GGUF loader ignores tokenizer.ggml.pre = "smollm" and splits like GPT-2; the
     # model's own tokenizer.json cuts digits apart first. Restore that, the tokenizer it was trained with.
     hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -315,6 +315,31 @@ def test_spm_defaults_follow_llama_cpp(spm):
     assert spm.is_eog(2) and not spm.is_eog(1)
 
 
+def _merge_by_rescanning(symbols: list[str], rank) -> list[str]:
+    """llama.cpp's merge order spelled out: the lowest-ranked adjacent pair, leftmost on ties."""
+    while True:
+        pairs = [(rank(a, b), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+        pairs = [(r, i) for r, i in pairs if r is not None]
+        if not pairs:
+            return symbols
+        _, i = min(pairs)
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+
+
+def test_merge_order_matches_rescanning():
+    import random
+
+    rng = random.Random(0)
+    ranks = {}
+    for _ in range(60):  # random merges over a tiny alphabet, ties and overlaps included
+        a, b = rng.choice("abc") * rng.randint(1, 3), rng.choice("abc") * rng.randint(1, 2)
+        ranks.setdefault((a, b), rng.randint(0, 20))
+    rank = lambda a, b: ranks.get((a, b))  # noqa: E731
+    for _ in range(300):
+        word = "".join(rng.choice("abc") for _ in range(rng.randint(0, 40)))
+        assert _merge_symbols(list(word), rank) == _merge_by_rescanning(list(word), rank), word
+
+
 # ---------------------------------------------------------------------------------------------
 # Pre-tokenizers against HF's splits with the original (tokenizer.json) regexes
 # ---------------------------------------------------------------------------------------------
@@ -409,12 +434,21 @@ def _without(key: str) -> dict:
     (tiny_bpe_metadata(**{C.KEY_TOKENIZER_PRE: "no-such-pre"}), C.KEY_TOKENIZER_PRE),
     (tiny_bpe_metadata(**{C.KEY_MERGES: ["a b", "x y"]}), C.KEY_MERGES),
     (tiny_bpe_metadata(**{C.KEY_MERGES: ["ab"]}), C.KEY_MERGES),
-    (tiny_bpe_metadata(**{C.KEY_BOS_ID: 99}), C.KEY_BOS_ID),
-    (tiny_bpe_metadata(**{C.KEY_TOKENS: ["a", "a"], C.KEY_TOKEN_TYPE: [1, 1], C.KEY_MERGES: []}), C.KEY_TOKENS),
+    (tiny_bpe_metadata(**{C.KEY_TOKENS: ["a", "a"], C.KEY_TOKEN_TYPE: [1, 1], C.KEY_MERGES: []}),
+     C.KEY_TOKENS),
     (tiny_bpe_metadata(**{C.KEY_ADD_EOS: True, C.KEY_EOS_ID: None}), C.KEY_EOS_ID),
 ], ids=["no-tokens", "no-model", "no-merges", "unknown-model", "unknown-pre", "merge-unknown-token",
-        "merge-malformed", "bos-out-of-range", "duplicate-token", "add-eos-without-eos"])
+        "merge-malformed", "duplicate-token", "add-eos-without-eos"])
 def test_bad_metadata_names_file_and_key(meta, key):
     with pytest.raises(ValueError, match="broken.gguf") as error:
         Tokenizer.from_metadata(meta, source="broken.gguf")
     assert key in str(error.value)
+
+
+def test_out_of_range_special_id_is_ignored_with_a_warning():
+    # llama.cpp keeps loading such files (converters write padding ids past the end)
+    with pytest.warns(UserWarning, match=f"odd.gguf: {C.KEY_PAD_ID} = 99"):
+        tok = Tokenizer.from_metadata(tiny_bpe_metadata(**{C.KEY_PAD_ID: 99}), source="odd.gguf")
+    assert tok.pad_id is None
+    with pytest.raises(ValueError, match="odd.gguf: token id 7 is outside"):
+        tok.decode([7])
