@@ -37,7 +37,10 @@
 typedef struct { uint16_t d;    int8_t  qs[QK];     } block_q8_0; /* w = qs*d                */
 typedef struct { uint16_t d;    uint8_t qs[QK / 2]; } block_q4_0; /* w = (nibble-8)*d       */
 typedef struct { uint16_t d, m; uint8_t qs[QK / 2]; } block_q4_1; /* w = nibble*d + m        */
-/* Q4: byte j holds element j in its low nibble and element j+16 in its high nibble. */
+/* Q4: byte j holds element j in its low nibble and element j+16 in its high nibble.
+ * SIMD kernels may decode a Q4 weight as one fma, nibble*d + off (off = -8d for Q4_0, m for
+ * Q4_1): nibble*d is exact in f32 (4 x 11 significant bits), so the fma rounds as the
+ * reference's (nibble-8)*d or nibble*d + m does (only a zero's sign may differ). */
 
 _Static_assert(sizeof(block_q8_0) == 34, "q8_0 block");
 _Static_assert(sizeof(block_q4_0) == 18, "q4_0 block");
@@ -313,16 +316,23 @@ static const kernel_row kernels_scalar[PS_TYPE_COUNT] = {
     [PS_TYPE_Q4_1] = { to_float_q4_1_scalar, dot_q4_1_scalar, axpy_q4_1_scalar },
 };
 
+/* n rounded down to whole blocks: the generic SIMD loops below treat any n % 32 as a tail of
+ * plain elements, so a quantised row's partial block (a caller's bug) must be cut off, as the
+ * scalar kernels ignore it, rather than read as floats. */
+INLINE int64_t whole_blocks(int64_t n, int type) {
+    return type == PS_TYPE_F32 || type == PS_TYPE_F16 || type == PS_TYPE_BF16 ? n : n - n % QK;
+}
+
 /* One SIMD table: instantiates the ISA's generic loops for each type. */
 #define SIMD_KERNELS(TARGET, isa, t, TYPE)                                                     \
     TARGET static void to_float_##t##_##isa(const void *row, float *out, int64_t n) {          \
-        to_float_##isa(row, out, n, TYPE);                                                     \
+        to_float_##isa(row, out, whole_blocks(n, TYPE), TYPE);                                 \
     }                                                                                          \
     TARGET static float dot_##t##_##isa(const void *row, const float *x, int64_t n) {          \
-        return dot_##isa(row, x, n, TYPE);                                                     \
+        return dot_##isa(row, x, whole_blocks(n, TYPE), TYPE);                                 \
     }                                                                                          \
     TARGET static void axpy_##t##_##isa(float a, const void *row, float *y, int64_t n) {       \
-        axpy_##isa(a, row, y, n, TYPE);                                                        \
+        axpy_##isa(a, row, y, whole_blocks(n, TYPE), TYPE);                                    \
     }
 #define SIMD_TABLE(isa)                                                                        \
     static const kernel_row kernels_##isa[PS_TYPE_COUNT] = {                                   \
@@ -360,9 +370,24 @@ TARGET_AVX2 INLINE __m256 load8_avx2(const void *row, int64_t i, int type) {
     }
 }
 
-/* 8 bytes -> 8 floats */
-TARGET_AVX2 INLINE __m256 i8x8_avx2(__m128i q) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)); }
-TARGET_AVX2 INLINE __m256 u8x8_avx2(__m128i q) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)); }
+/* 8 signed bytes -> 8 floats */
+TARGET_AVX2 INLINE __m256 i8x8_avx2(const int8_t *q) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
+}
+
+/* a Q4 block's 32 weights: bytes 0-7 widened to lanes give elements 0-7 (low nibbles) and
+ * 16-23 (high), bytes 8-15 give 8-15 and 24-31 */
+TARGET_AVX2 INLINE w32_avx2 q4_avx2(const uint8_t *qs, float d, float off) {
+    const __m256 vd = _mm256_set1_ps(d), voff = _mm256_set1_ps(off);
+    const __m256i m4 = _mm256_set1_epi32(0xf);
+    const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)qs));
+    const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8)));
+    const __m256i q[4] = { _mm256_and_si256(b0, m4), _mm256_and_si256(b1, m4),
+                           _mm256_srli_epi32(b0, 4), _mm256_srli_epi32(b1, 4) };
+    w32_avx2 w;
+    for (int k = 0; k < 4; k++) w.v[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[k]), vd, voff);
+    return w;
+}
 
 /* weights 32c .. 32c+31 as floats (block c of a quantised row) */
 TARGET_AVX2 INLINE w32_avx2 load32_avx2(const void *row, int64_t c, int type) {
@@ -371,32 +396,17 @@ TARGET_AVX2 INLINE w32_avx2 load32_avx2(const void *row, int64_t c, int type) {
     case PS_TYPE_Q8_0: {
         const block_q8_0 *b = (const block_q8_0 *)row + c;
         const __m256 d = _mm256_set1_ps(_cvtsh_ss(b->d));
-        for (int k = 0; k < 4; k++)
-            w.v[k] = _mm256_mul_ps(d, i8x8_avx2(_mm_loadl_epi64((const __m128i *)(b->qs + 8 * k))));
+        for (int k = 0; k < 4; k++) w.v[k] = _mm256_mul_ps(d, i8x8_avx2(b->qs + 8 * k));
         return w;
     }
     case PS_TYPE_Q4_0: {
         const block_q4_0 *b = (const block_q4_0 *)row + c;
-        const __m256 d = _mm256_set1_ps(_cvtsh_ss(b->d));
-        const __m128i qs = _mm_loadu_si128((const __m128i *)b->qs), m4 = _mm_set1_epi8(0xf);
-        const __m128i lo = _mm_sub_epi8(_mm_and_si128(qs, m4), _mm_set1_epi8(8));                    /* 0-15  */
-        const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), _mm_set1_epi8(8)); /* 16-31 */
-        w.v[0] = _mm256_mul_ps(d, i8x8_avx2(lo));
-        w.v[1] = _mm256_mul_ps(d, i8x8_avx2(_mm_srli_si128(lo, 8)));
-        w.v[2] = _mm256_mul_ps(d, i8x8_avx2(hi));
-        w.v[3] = _mm256_mul_ps(d, i8x8_avx2(_mm_srli_si128(hi, 8)));
-        return w;
+        const float d = _cvtsh_ss(b->d);
+        return q4_avx2(b->qs, d, -8 * d);
     }
     case PS_TYPE_Q4_1: {
         const block_q4_1 *b = (const block_q4_1 *)row + c;
-        const __m256 d = _mm256_set1_ps(_cvtsh_ss(b->d)), m = _mm256_set1_ps(_cvtsh_ss(b->m));
-        const __m128i qs = _mm_loadu_si128((const __m128i *)b->qs), m4 = _mm_set1_epi8(0xf);
-        const __m128i lo = _mm_and_si128(qs, m4), hi = _mm_and_si128(_mm_srli_epi16(qs, 4), m4);
-        const __m256 q[4] = { u8x8_avx2(lo), u8x8_avx2(_mm_srli_si128(lo, 8)),
-                              u8x8_avx2(hi), u8x8_avx2(_mm_srli_si128(hi, 8)) };
-        /* nibble*d is exact in f32 (4 x 11 significant bits): fma rounds as the reference does */
-        for (int k = 0; k < 4; k++) w.v[k] = _mm256_fmadd_ps(q[k], d, m);
-        return w;
+        return q4_avx2(b->qs, _cvtsh_ss(b->d), _cvtsh_ss(b->m));
     }
     default:
         for (int k = 0; k < 4; k++) w.v[k] = load8_avx2(row, 32 * c + 8 * k, type);
@@ -490,8 +500,14 @@ TARGET_AVX512 INLINE __m512 i8x16_avx512(const int8_t *q) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
 }
 
-/* weights 32c .. 32c+31 as floats. Q4 decodes through a 16-entry table of the block's
- * 16 possible values: permutexvar indexes it with the low 4 bits of each lane. */
+/* a Q4 block's 32 weights, looked up in lut (the block's 16 possible values): permutexvar
+ * indexes it with the low 4 bits of each lane */
+TARGET_AVX512 INLINE w32_avx512 q4_avx512(const uint8_t *qs, __m512 lut) {
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qs));
+    return (w32_avx512){ _mm512_permutexvar_ps(q, lut), _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), lut) };
+}
+
+/* weights 32c .. 32c+31 as floats */
 TARGET_AVX512 INLINE w32_avx512 load32_avx512(const void *row, int64_t c, int type) {
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     switch (type) {
@@ -502,16 +518,11 @@ TARGET_AVX512 INLINE w32_avx512 load32_avx512(const void *row, int64_t c, int ty
     }
     case PS_TYPE_Q4_0: {
         const block_q4_0 *b = (const block_q4_0 *)row + c;
-        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b->qs));
-        const __m512 lut = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8)), _mm512_set1_ps(_cvtsh_ss(b->d)));
-        return (w32_avx512){ _mm512_permutexvar_ps(q, lut), _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), lut) };
+        return q4_avx512(b->qs, _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8)), _mm512_set1_ps(_cvtsh_ss(b->d))));
     }
     case PS_TYPE_Q4_1: {
         const block_q4_1 *b = (const block_q4_1 *)row + c;
-        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b->qs));
-        /* nibble*d is exact in f32 (4 x 11 significant bits): fma rounds as the reference does */
-        const __m512 lut = _mm512_fmadd_ps(iota, _mm512_set1_ps(_cvtsh_ss(b->d)), _mm512_set1_ps(_cvtsh_ss(b->m)));
-        return (w32_avx512){ _mm512_permutexvar_ps(q, lut), _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), lut) };
+        return q4_avx512(b->qs, _mm512_fmadd_ps(iota, _mm512_set1_ps(_cvtsh_ss(b->d)), _mm512_set1_ps(_cvtsh_ss(b->m))));
     }
     default:
         return (w32_avx512){ load16_avx512(row, 32 * c, type), load16_avx512(row, 32 * c + 16, type) };
@@ -605,6 +616,17 @@ INLINE void i8x16_neon(int8x16_t q, float32x4_t *out) {
     out[3] = vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi)));
 }
 
+/* a Q4 block's 32 weights: low nibbles are elements 0-15, high nibbles 16-31 */
+INLINE w32_neon q4_neon(const uint8_t *qs, float d, float off) {
+    const uint8x16_t q = vld1q_u8(qs);
+    const float32x4_t voff = vdupq_n_f32(off);
+    w32_neon w;
+    i8x16_neon(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0xf))), w.v);
+    i8x16_neon(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), w.v + 4);
+    for (int k = 0; k < 8; k++) w.v[k] = vfmaq_n_f32(voff, w.v[k], d);
+    return w;
+}
+
 INLINE w32_neon load32_neon(const void *row, int64_t c, int type) {
     w32_neon w;
     switch (type) {
@@ -619,23 +641,11 @@ INLINE w32_neon load32_neon(const void *row, int64_t c, int type) {
     case PS_TYPE_Q4_0: {
         const block_q4_0 *b = (const block_q4_0 *)row + c;
         const float d = ps_f16_to_f32(b->d);
-        const uint8x16_t qs = vld1q_u8(b->qs);
-        const int8x16_t eight = vdupq_n_s8(8);
-        i8x16_neon(vsubq_s8(vreinterpretq_s8_u8(vandq_u8(qs, vdupq_n_u8(0xf))), eight), w.v);
-        i8x16_neon(vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(qs, 4)), eight), w.v + 4);
-        for (int k = 0; k < 8; k++) w.v[k] = vmulq_n_f32(w.v[k], d);
-        return w;
+        return q4_neon(b->qs, d, -8 * d);
     }
     case PS_TYPE_Q4_1: {
         const block_q4_1 *b = (const block_q4_1 *)row + c;
-        const float d = ps_f16_to_f32(b->d);
-        const float32x4_t m = vdupq_n_f32(ps_f16_to_f32(b->m));
-        const uint8x16_t qs = vld1q_u8(b->qs);
-        i8x16_neon(vreinterpretq_s8_u8(vandq_u8(qs, vdupq_n_u8(0xf))), w.v);
-        i8x16_neon(vreinterpretq_s8_u8(vshrq_n_u8(qs, 4)), w.v + 4);
-        /* nibble*d is exact in f32 (4 x 11 significant bits): fma rounds as the reference does */
-        for (int k = 0; k < 8; k++) w.v[k] = vfmaq_n_f32(m, w.v[k], d);
-        return w;
+        return q4_neon(b->qs, ps_f16_to_f32(b->d), ps_f16_to_f32(b->m));
     }
     default:
         for (int k = 0; k < 8; k++) w.v[k] = load4_neon(row, 32 * c + 4 * k, type);

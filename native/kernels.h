@@ -27,7 +27,7 @@ enum {
 enum {
     PS_ISA_SCALAR = 0,
     PS_ISA_AVX2   = 1, /* AVX2 + FMA + F16C */
-    PS_ISA_AVX512 = 2, /* AVX-512 F/BW/VL (+ VNNI/BF16 where present) */
+    PS_ISA_AVX512 = 2, /* AVX-512 F/BW/VL (VNNI/BF16 wait for int8/bf16 activations) */
     PS_ISA_NEON   = 3,
     PS_ISA_COUNT  = 4,
 };
