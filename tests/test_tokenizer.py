@@ -83,10 +83,7 @@ def read_metadata(path) -> dict:
 
 @pytest.fixture(scope="module")
 def smol_gguf():
-    try:
-        return smollm2_gguf()
-    except FileNotFoundError as missing:
-        pytest.skip(str(missing))
+    return smollm2_gguf()
 
 
 @pytest.fixture(scope="module")
@@ -398,6 +395,14 @@ def test_tiny_bpe_merges():
     assert tok.decode([0, 4, 6, 1]) == "<|im_start|>ab ab<|im_end|>"
 
 
+def test_llama3_takes_a_word_that_is_a_token_whole():
+    meta = tiny_bpe_metadata(**{C.KEY_TOKENS: ["<|im_start|>", "<|im_end|>", "a", "b", "c", "ab", "abc"],
+                                C.KEY_TOKEN_TYPE: [3, 3, 1, 1, 1, 1, 1], C.KEY_MERGES: ["a b"]})
+    assert Tokenizer.from_metadata(meta).encode("abc") == [5, 4]  # gpt2: merges only
+    llama3 = Tokenizer.from_metadata({**meta, C.KEY_TOKENIZER_PRE: "llama-bpe"})
+    assert llama3.add_bos and llama3.encode("abc") == [0, 6]  # ignore_merges; BOS by default
+
+
 def test_chatml_fallback_without_template():
     tok = Tokenizer.from_metadata(tiny_bpe_metadata())
     assert tok.chat_template is None
@@ -405,6 +410,12 @@ def test_chatml_fallback_without_template():
     assert prompt == "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
     assert tok.apply_chat_template(CONVERSATION[1:2], add_generation_prompt=False).count("assistant") == 0
     assert CHATML_TEMPLATE.startswith("{%")
+
+
+def test_template_generation_tag_renders_its_body():
+    template = "{% for m in messages %}{% generation %}[{{ m['content'] }}]{% endgeneration %}{% endfor %}"
+    tok = Tokenizer.from_metadata(tiny_bpe_metadata(**{C.KEY_CHAT_TEMPLATE: template}))
+    assert tok.apply_chat_template(CONVERSATION[1:3]) == "[What is 2+2?][4]"
 
 
 def test_template_sees_special_tokens_and_can_raise():
