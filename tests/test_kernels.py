@@ -2,11 +2,11 @@
 
 - the scalar table against gguf-py's quantisers and dequantisers, bit for bit;
 - every SIMD table the CPU runs against its scalar twin, odd sizes included;
-- f16 / bf16 conversions against numpy (all 65536 half bit patterns);
+- f16 conversions against numpy (all 65536 half bit patterns), bf16 against a float64 reference;
 - lookups: row sizes, unknown types and ISAs, CPU detection.
 
 Every buffer a kernel touches is malloc'ed at exactly its size, so that under AddressSanitizer
-(see README, "Testing") a read or write past a row's end is reported.
+(tests/asan.sh) a read or write past a row's end is reported.
 """
 
 from __future__ import annotations
