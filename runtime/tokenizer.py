@@ -11,6 +11,10 @@ Two models:
 
 Before either, control, user-defined and unknown tokens are cut out of the text as whole strings,
 longest first (control and unknown ones only when ``parse_special``).
+
+Decoding is the exact inverse of encoding, where llama.cpp's detokenizer is not: no clean-up of
+spaces before punctuation, and the SentencePiece ▁ prefix is taken off wherever encoding put one
+(llama.cpp only strips it at the very start).
 """
 
 from __future__ import annotations
