@@ -50,8 +50,20 @@ struct ps_model {
     float *hb2;                  /* (batch, n_ff) up                       */
     float *scores;               /* (n_threads, n_ctx) attention scores    */
     float *row_buf;              /* (n_threads, max row length) dequantised weight row */
-    float *down_acc;             /* (n_threads, n_embd) per-thread sums of down_t axpys */
+    float *down_acc;             /* (n_threads, batch, n_embd) per-thread sums of down_t axpys */
     int64_t row_buf_len;
+
+    /* sparse FFN */
+    int32_t sparse_mode;         /* PS_SPARSE_*                                    */
+    int32_t has_predictor;       /* every layer has fc1 and fc2                    */
+    float *pred_threshold;       /* (n_layer) predictor decision thresholds        */
+    float *pred_hidden;          /* (max rank) relu(fc1 x)                         */
+    float *pred_logits;          /* (n_ff) fc2 relu(fc1 x)                         */
+    int32_t *neurons;            /* (n_ff) indices of the neurons to compute       */
+    int32_t *exact_active;       /* (n_ff) truly active neurons (stats in predictor mode) */
+
+    int32_t stats_on;
+    ps_layer_stats *stats;       /* (n_layer) */
 };
 
 static void set_error(char *err, int32_t err_len, const char *fmt, ...) {
@@ -66,13 +78,17 @@ static int kv_dim(const ps_config *c) { return c->n_head_kv * c->head_dim; }
 static int q_dim(const ps_config *c) { return c->n_head * c->head_dim; }
 
 /* ------------------------------------------------------------------------------------------
- * Matrix times a batch of vectors: out[b][r] = W[r] . in[b], rows shared out among threads.
- * Up to three weights with the same input run in one dispatch (q/k/v, gate/up).
+ * Matrix times a batch of vectors: out[b][r] = W[r] . in[b], rows shared out among threads
+ * in chunks taken from a counter (balanced by work, whatever each row costs). A target may
+ * name a subset of rows (a gathered mat-vec: the sparse FFN's active neurons); out stays
+ * indexed by row. Up to three weights with the same input run in one dispatch (q/k/v).
  * ---------------------------------------------------------------------------------------- */
 
 typedef struct {
     const ps_tensor *w;
     float *out;                  /* (batch, w->ne1) */
+    const int32_t *rows;         /* rows to compute, or NULL for all of them (batch 1 only) */
+    int64_t n_rows;              /* length of rows[], or w->ne1 */
 } matmul_target;
 
 typedef struct {
@@ -81,18 +97,27 @@ typedef struct {
     int n_targets;
     const float *in;             /* (batch, ne0) */
     int batch;
-    int64_t total_rows;          /* sum of ne1 over targets */
+    int64_t total_rows;          /* sum of n_rows over targets */
     atomic_llong next_row;
 } matmul_job;
 
-static void matmul_rows(const matmul_target *t, const float *in, int batch, int64_t r0, int64_t r1,
+static matmul_target all_rows(const ps_tensor *w, float *out) {
+    return (matmul_target){ w, out, NULL, w->ne1 };
+}
+
+static matmul_target some_rows(const ps_tensor *w, float *out, const int32_t *rows, int64_t n_rows) {
+    return (matmul_target){ w, out, rows, n_rows };
+}
+
+static void matmul_rows(const matmul_target *t, const float *in, int batch, int64_t j0, int64_t j1,
                         float *row_buf) {
     const ps_tensor *w = t->w;
     const ps_type_traits *tt = ps_type_traits_for(w->type, -1);
     const int64_t n = w->ne0, rows = w->ne1;
     const size_t row_bytes = ps_row_bytes(w->type, n);
     const char *base = (const char *)w->data;
-    for (int64_t r = r0; r < r1; r++) {
+    for (int64_t j = j0; j < j1; j++) {
+        const int64_t r = t->rows ? t->rows[j] : j;
         const void *row = base + (size_t)r * row_bytes;
         if (batch == 1) {
             t->out[r] = tt->dot(row, in, n);
@@ -118,7 +143,7 @@ static void matmul_task(void *ctx, int ith, int nth) {
         /* map the global row range onto the targets it spans */
         int64_t offset = 0;
         for (int i = 0; i < job->n_targets && start < end; i++) {
-            int64_t rows = job->t[i].w->ne1;
+            int64_t rows = job->t[i].n_rows;
             if (start < offset + rows) {
                 int64_t stop = end < offset + rows ? end : offset + rows;
                 matmul_rows(&job->t[i], job->in, job->batch, start - offset, stop - offset, row_buf);
@@ -133,14 +158,15 @@ static void matmul(ps_model *m, const matmul_target *targets, int n_targets, con
     matmul_job job = { .m = m, .n_targets = n_targets, .in = in, .batch = batch };
     for (int i = 0; i < n_targets; i++) {
         job.t[i] = targets[i];
-        job.total_rows += targets[i].w->ne1;
+        job.total_rows += targets[i].n_rows;
     }
+    if (job.total_rows == 0) return;
     atomic_init(&job.next_row, 0);
     ps_threadpool_run(m->pool, matmul_task, &job);
 }
 
 static void matvec1(ps_model *m, const ps_tensor *w, float *out, const float *in, int batch) {
-    matmul_target t = { w, out };
+    matmul_target t = all_rows(w, out);
     matmul(m, &t, 1, in, batch);
 }
 
@@ -222,14 +248,18 @@ static void attention_task(void *ctx, int ith, int nth) {
 }
 
 /* ------------------------------------------------------------------------------------------
- * FFN. The gate and up projections have one row per neuron; the down projection is either
- * ffn_down (n_embd rows) or ffn_down_t (one n_embd vector per neuron, accumulated by axpy).
+ * The down projection from ffn_down_t: out[b] = sum over neurons i of h[b][i] * down_t[i].
+ * Each thread sums the neurons it takes into its own accumulator (no shared writes), then
+ * one pass adds the accumulators up.
  * ---------------------------------------------------------------------------------------- */
 
 typedef struct {
     ps_model *m;
     const ps_tensor *down_t;
-    const float *h;              /* (n_ff) activated neurons of one token */
+    const float *h;              /* (batch, n_ff) activated neurons */
+    int batch;
+    const int32_t *neurons;      /* the neurons to add, or NULL for all */
+    int64_t n_neurons;
     atomic_llong next;
 } down_t_job;
 
@@ -237,41 +267,147 @@ static void down_t_task(void *ctx, int ith, int nth) {
     down_t_job *job = ctx;
     ps_model *m = job->m;
     const ps_tensor *w = job->down_t;
+    const int64_t dim = m->c.n_embd, ff = m->c.n_ff;
     const ps_type_traits *tt = ps_type_traits_for(w->type, -1);
-    const size_t row_bytes = ps_row_bytes(w->type, w->ne0);
-    float *acc = m->down_acc + (int64_t)ith * m->c.n_embd;
-    memset(acc, 0, (size_t)m->c.n_embd * sizeof(float));
+    const size_t row_bytes = ps_row_bytes(w->type, dim);
+    float *acc = m->down_acc + (int64_t)ith * MAX_BATCH * dim;
+    float *row_buf = m->row_buf + (int64_t)ith * m->row_buf_len;
+    memset(acc, 0, (size_t)(job->batch * dim) * sizeof(float));
     for (;;) {
         int64_t start = atomic_fetch_add(&job->next, ROW_CHUNK);
-        if (start >= w->ne1) return;
-        int64_t end = start + ROW_CHUNK < w->ne1 ? start + ROW_CHUNK : w->ne1;
-        for (int64_t i = start; i < end; i++)
-            if (job->h[i] != 0.0f) tt->axpy(job->h[i], (const char *)w->data + (size_t)i * row_bytes, acc, w->ne0);
+        if (start >= job->n_neurons) return;
+        int64_t end = start + ROW_CHUNK < job->n_neurons ? start + ROW_CHUNK : job->n_neurons;
+        for (int64_t j = start; j < end; j++) {
+            const int64_t i = job->neurons ? job->neurons[j] : j;
+            const void *row = (const char *)w->data + (size_t)i * row_bytes;
+            if (job->batch == 1) {
+                if (job->h[i] != 0.0f) tt->axpy(job->h[i], row, acc, dim);
+                continue;
+            }
+            tt->to_float(row, row_buf, dim);
+            for (int b = 0; b < job->batch; b++) {
+                const float a = job->h[(int64_t)b * ff + i];
+                if (a != 0.0f) ps_axpy_f32(a, row_buf, acc + (int64_t)b * dim, dim);
+            }
+        }
     }
 }
 
-/* out (n_embd) = sum over neurons i of h[i] * down_t[i]; per-thread sums, then one reduction */
-static void down_t_product(ps_model *m, const ps_tensor *down_t, const float *h, float *out) {
-    down_t_job job = { .m = m, .down_t = down_t, .h = h };
+static void down_t_product(ps_model *m, const ps_tensor *down_t, const float *h, int batch,
+                           const int32_t *neurons, int64_t n_neurons, float *out) {
+    down_t_job job = { .m = m, .down_t = down_t, .h = h, .batch = batch, .neurons = neurons,
+                       .n_neurons = n_neurons };
     atomic_init(&job.next, 0);
     ps_threadpool_run(m->pool, down_t_task, &job);
-    const int n = m->c.n_embd, nth = ps_threadpool_size(m->pool);
+    const int64_t n = (int64_t)batch * m->c.n_embd, stride = (int64_t)MAX_BATCH * m->c.n_embd;
     memcpy(out, m->down_acc, (size_t)n * sizeof(float));
-    for (int t = 1; t < nth; t++) ps_axpy_f32(1.0f, m->down_acc + (int64_t)t * n, out, n);
+    for (int t = 1; t < ps_threadpool_size(m->pool); t++) ps_axpy_f32(1.0f, m->down_acc + t * stride, out, n);
 }
 
-static void ffn_dense(ps_model *m, const ps_layer_weights *l, int batch) {
+/* ------------------------------------------------------------------------------------------
+ * FFN, three ways. Gate and up have one row per neuron; a neuron whose activated gate is
+ * zero contributes nothing, so its up row and its down vector need not be read.
+ * In: m->xb (normed input), m->x (residual). Out: m->xb2.
+ * ---------------------------------------------------------------------------------------- */
+
+/* neurons[] = those of candidates (or all when NULL) whose activated gate is non-zero;
+ * m->hb holds act(gate) afterwards. Returns their count. */
+static int64_t collect_active(ps_model *m, const int32_t *candidates, int64_t n_candidates, int32_t *neurons) {
+    int64_t n = 0;
+    for (int64_t j = 0; j < n_candidates; j++) {
+        const int32_t i = candidates ? candidates[j] : (int32_t)j;
+        m->hb[i] = gate_activation(&m->c, m->hb[i]);
+        if (m->hb[i] != 0.0f) neurons[n++] = i;
+    }
+    return n;
+}
+
+/* up rows and down vectors of the given neurons; m->hb holds their activated gates */
+static void ffn_sparse_tail(ps_model *m, const ps_layer_weights *l, const int32_t *neurons, int64_t n) {
+    matmul_target up = some_rows(&l->ffn_up, m->hb2, neurons, n);
+    matmul(m, &up, 1, m->xb, 1);
+    for (int64_t j = 0; j < n; j++) m->hb[neurons[j]] *= m->hb2[neurons[j]];
+    if (l->ffn_down_t.data) {
+        down_t_product(m, &l->ffn_down_t, m->hb, 1, neurons, n, m->xb2);
+    } else {
+        /* plain ffn_down: rows are outputs, so every row is read; zeros cost nothing more */
+        float *h = m->hb2;
+        memset(h, 0, (size_t)m->c.n_ff * sizeof(float));
+        for (int64_t j = 0; j < n; j++) h[neurons[j]] = m->hb[neurons[j]];
+        matvec1(m, &l->ffn_down, m->xb2, h, 1);
+    }
+}
+
+static void ffn_dense(ps_model *m, const ps_layer_weights *l, int batch, ps_layer_stats *st) {
     const ps_config *c = &m->c;
-    matmul_target gate_up[2] = { { &l->ffn_gate, m->hb }, { &l->ffn_up, m->hb2 } };
+    matmul_target gate_up[2] = { all_rows(&l->ffn_gate, m->hb), all_rows(&l->ffn_up, m->hb2) };
     matmul(m, gate_up, 2, m->xb, batch);
     const int64_t n = (int64_t)batch * c->n_ff;
-    for (int64_t i = 0; i < n; i++) m->hb[i] = gate_activation(c, m->hb[i]) * m->hb2[i];
-    if (l->ffn_down.data) {
-        matvec1(m, &l->ffn_down, m->xb2, m->hb, batch);
-    } else {
-        for (int b = 0; b < batch; b++)
-            down_t_product(m, &l->ffn_down_t, m->hb + (int64_t)b * c->n_ff, m->xb2 + (int64_t)b * c->n_embd);
+    int64_t n_active = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float a = gate_activation(c, m->hb[i]);
+        n_active += a != 0.0f;
+        m->hb[i] = a * m->hb2[i];
     }
+    if (st) {
+        st->n_tokens += batch;
+        st->n_active += n_active;
+        st->n_computed += n;
+    }
+    if (l->ffn_down.data) matvec1(m, &l->ffn_down, m->xb2, m->hb, batch);
+    else down_t_product(m, &l->ffn_down_t, m->hb, batch, NULL, c->n_ff, m->xb2);
+}
+
+/* one token: all gate rows, then up/down for the active neurons only */
+static void ffn_exact(ps_model *m, const ps_layer_weights *l, ps_layer_stats *st) {
+    matvec1(m, &l->ffn_gate, m->hb, m->xb, 1);
+    const int64_t n = collect_active(m, NULL, m->c.n_ff, m->neurons);
+    if (st) {
+        st->n_tokens += 1;
+        st->n_active += n;
+        st->n_computed += n;
+    }
+    ffn_sparse_tail(m, l, m->neurons, n);
+}
+
+/* one token: the predictor picks neurons; gate/up/down run for those alone. A predicted
+ * neuron whose gate turns out inactive is dropped (it contributes zero). */
+static void ffn_predictor(ps_model *m, const ps_layer_weights *l, float threshold, ps_layer_stats *st) {
+    const ps_config *c = &m->c;
+    const float *in = c->predictor_input == PS_PREDICTOR_INPUT_NORMED ? m->xb : m->x;
+    matvec1(m, &l->fc1, m->pred_hidden, in, 1);
+    for (int64_t r = 0; r < l->fc1.ne1; r++) m->pred_hidden[r] = m->pred_hidden[r] > 0.0f ? m->pred_hidden[r] : 0.0f;
+    matvec1(m, &l->fc2, m->pred_logits, m->pred_hidden, 1);
+    int64_t n_predicted = 0;
+    for (int32_t i = 0; i < c->n_ff; i++)
+        if (m->pred_logits[i] >= threshold) m->neurons[n_predicted++] = i;
+
+    int64_t n;
+    if (st) {
+        /* the exact gate of every neuron, to count what the predictor missed */
+        matvec1(m, &l->ffn_gate, m->hb, m->xb, 1);
+        st->n_active += collect_active(m, NULL, c->n_ff, m->exact_active);
+        n = 0;
+        for (int64_t j = 0; j < n_predicted; j++)
+            if (m->hb[m->neurons[j]] != 0.0f) m->neurons[n++] = m->neurons[j];
+        st->n_tokens += 1;
+        st->n_predicted += n_predicted;
+        st->n_predicted_active += n;
+    } else {
+        matmul_target gate = some_rows(&l->ffn_gate, m->hb, m->neurons, n_predicted);
+        matmul(m, &gate, 1, m->xb, 1);
+        n = collect_active(m, m->neurons, n_predicted, m->neurons);
+    }
+    if (st) st->n_computed += n;
+    ffn_sparse_tail(m, l, m->neurons, n);
+}
+
+static void ffn(ps_model *m, int L, int batch) {
+    const ps_layer_weights *l = &m->layers[L];
+    ps_layer_stats *st = m->stats_on ? &m->stats[L] : NULL;
+    if (batch == 1 && m->sparse_mode == PS_SPARSE_PREDICTOR) ffn_predictor(m, l, m->pred_threshold[L], st);
+    else if (batch == 1 && m->sparse_mode == PS_SPARSE_EXACT) ffn_exact(m, l, st);
+    else ffn_dense(m, l, batch, st);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -298,7 +434,7 @@ static void forward_chunk(ps_model *m, const int32_t *tokens, int batch, int pos
         /* attention */
         for (int b = 0; b < batch; b++)
             rmsnorm(m->xb + (int64_t)b * dim, m->x + (int64_t)b * dim, &l->attn_norm, dim, c->rms_eps, tmp);
-        matmul_target qkv[3] = { { &l->wq, m->q }, { &l->wk, m->k }, { &l->wv, m->v } };
+        matmul_target qkv[3] = { all_rows(&l->wq, m->q), all_rows(&l->wk, m->k), all_rows(&l->wv, m->v) };
         matmul(m, qkv, 3, m->xb, batch);
         for (int b = 0; b < batch; b++) {
             const int pos = pos0 + b;
@@ -317,7 +453,7 @@ static void forward_chunk(ps_model *m, const int32_t *tokens, int batch, int pos
         /* feed-forward */
         for (int b = 0; b < batch; b++)
             rmsnorm(m->xb + (int64_t)b * dim, m->x + (int64_t)b * dim, &l->ffn_norm, dim, c->rms_eps, tmp);
-        ffn_dense(m, l, batch);
+        ffn(m, L, batch);
         for (int64_t i = 0; i < (int64_t)batch * dim; i++) m->x[i] += c->residual_scale * m->xb2[i];
     }
 
@@ -412,6 +548,9 @@ static int check_config(const ps_config *c, int32_t n_ctx, int32_t n_threads, ch
         set_error(err, err_len, "rms epsilon (%g) and rope base (%g) must be positive", c->rms_eps, c->rope_base);
         return -1;
     }
+    if (c->predictor_input != PS_PREDICTOR_INPUT_RESIDUAL && c->predictor_input != PS_PREDICTOR_INPUT_NORMED) {
+        set_error(err, err_len, "unknown predictor input id %d", c->predictor_input); return -1;
+    }
     if (n_ctx <= 0) { set_error(err, err_len, "n_ctx must be positive, got %d", n_ctx); return -1; }
     if (n_threads < 1 || n_threads > 512) {
         set_error(err, err_len, "n_threads must be in [1, 512], got %d", n_threads); return -1;
@@ -482,6 +621,13 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
     int64_t max_row = dim > qd ? dim : qd;
     if (ff > max_row) max_row = ff;
     m->row_buf_len = max_row;
+    int64_t max_rank = 1;
+    m->has_predictor = 1;
+    for (int L = 0; L < c->n_layer; L++) {
+        if (!layers[L].fc1.data) m->has_predictor = 0;
+        else if (layers[L].fc1.ne1 > max_rank) max_rank = layers[L].fc1.ne1;
+    }
+    if (max_rank > max_row) m->row_buf_len = max_row = max_rank;
 
     int failed = 0;
     m->layers = calloc((size_t)c->n_layer, sizeof(ps_layer_weights));
@@ -500,7 +646,14 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
     m->hb2 = alloc_floats(MAX_BATCH * ff, &failed);
     m->scores = alloc_floats((int64_t)n_threads * n_ctx, &failed);
     m->row_buf = alloc_floats((int64_t)n_threads * max_row, &failed);
-    m->down_acc = alloc_floats((int64_t)n_threads * dim, &failed);
+    m->down_acc = alloc_floats((int64_t)n_threads * MAX_BATCH * dim, &failed);
+    m->pred_threshold = alloc_floats(c->n_layer, &failed);
+    m->pred_hidden = alloc_floats(max_rank, &failed);
+    m->pred_logits = alloc_floats(ff, &failed);
+    m->neurons = calloc((size_t)ff, sizeof(int32_t));
+    m->exact_active = calloc((size_t)ff, sizeof(int32_t));
+    m->stats = calloc((size_t)c->n_layer, sizeof(ps_layer_stats));
+    if (!m->neurons || !m->exact_active || !m->stats) failed = 1;
     if (failed) {
         set_error(err, err_len, "out of memory allocating the KV cache and buffers (n_ctx = %d)", n_ctx);
         ps_model_free(m);
@@ -524,7 +677,45 @@ void ps_model_free(ps_model *m) {
     free(m->q); free(m->k); free(m->v); free(m->att_out);
     free(m->hb); free(m->hb2);
     free(m->scores); free(m->row_buf); free(m->down_acc);
+    free(m->pred_threshold); free(m->pred_hidden); free(m->pred_logits);
+    free(m->neurons); free(m->exact_active); free(m->stats);
     free(m);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Sparse mode, predictor thresholds and statistics
+ * ---------------------------------------------------------------------------------------- */
+
+int32_t ps_model_set_sparse_mode(ps_model *m, int32_t mode, char *err, int32_t err_len) {
+    if (mode < PS_SPARSE_DENSE || mode > PS_SPARSE_PREDICTOR) {
+        set_error(err, err_len, "unknown sparse mode %d", mode); return -1;
+    }
+    if (mode == PS_SPARSE_PREDICTOR && !m->has_predictor) {
+        set_error(err, err_len, "predictor mode needs predictor tensors (blk.N.fc1.weight, blk.N.fc2.weight) "
+                  "in every layer; this model has none"); return -1;
+    }
+    m->sparse_mode = mode;
+    return 0;
+}
+
+int32_t ps_model_sparse_mode(const ps_model *m) { return m->sparse_mode; }
+int32_t ps_model_has_predictor(const ps_model *m) { return m->has_predictor; }
+
+void ps_model_set_predictor_threshold(ps_model *m, int32_t layer, float threshold) {
+    for (int L = 0; L < m->c.n_layer; L++)
+        if (layer < 0 || layer == L) m->pred_threshold[L] = threshold;
+}
+
+float ps_model_predictor_threshold(const ps_model *m, int32_t layer) {
+    return layer >= 0 && layer < m->c.n_layer ? m->pred_threshold[layer] : NAN;
+}
+
+void ps_model_set_stats(ps_model *m, int32_t enabled) { m->stats_on = enabled != 0; }
+
+void ps_model_reset_stats(ps_model *m) { memset(m->stats, 0, (size_t)m->c.n_layer * sizeof(ps_layer_stats)); }
+
+void ps_model_get_stats(const ps_model *m, ps_layer_stats *out) {
+    memcpy(out, m->stats, (size_t)m->c.n_layer * sizeof(ps_layer_stats));
 }
 
 int32_t ps_model_n_ctx(const ps_model *m) { return m->n_ctx; }

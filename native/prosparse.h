@@ -11,6 +11,14 @@
 
 enum { PS_ARCH_LLAMA = 0, PS_ARCH_MINICPM = 1 };
 enum { PS_ACT_SILU = 0, PS_ACT_RELU = 1, PS_ACT_FATRELU = 2 };
+/* How the FFN of a decoded token is computed (prompt batches always run dense):
+ * DENSE: every neuron. EXACT: gate rows for all neurons, then up and down only for the
+ * neurons the activation leaves non-zero. PREDICTOR: the layer's predictor picks the neurons
+ * first; gate, up and down run for those alone. */
+enum { PS_SPARSE_DENSE = 0, PS_SPARSE_EXACT = 1, PS_SPARSE_PREDICTOR = 2 };
+/* What the predictor reads: the residual stream before ffn_norm (PowerInfer's choice for
+ * LLaMA) or the normalised FFN input. */
+enum { PS_PREDICTOR_INPUT_RESIDUAL = 0, PS_PREDICTOR_INPUT_NORMED = 1 };
 
 typedef struct {
     const void *data;  /* first byte of the tensor inside the mapped file; NULL = absent */
@@ -51,7 +59,17 @@ typedef struct {
     float   embd_scale;      /* token embedding multiplier (MiniCPM scale_emb; 1 for llama)  */
     float   residual_scale;  /* multiplier of each residual branch (1 for llama)             */
     float   logit_scale;     /* multiplier of the final hidden state before the head (1)     */
+    int32_t predictor_input; /* PS_PREDICTOR_INPUT_*                                         */
 } ps_config;
+
+/* Per-layer activation counts, summed over the tokens evaluated while statistics are on. */
+typedef struct {
+    int64_t n_tokens;            /* tokens measured                                  */
+    int64_t n_active;            /* neurons with act(gate) != 0 (the exact gate)      */
+    int64_t n_predicted;         /* neurons the predictor marked active (predictor mode) */
+    int64_t n_predicted_active;  /* of those, truly active                           */
+    int64_t n_computed;          /* neurons whose up/down rows were read             */
+} ps_layer_stats;
 
 typedef struct ps_model ps_model;
 
@@ -73,6 +91,23 @@ void ps_model_free(ps_model *m);
  * Returns 0, or -1 with a message in err (token id out of range, context full, ...). */
 int32_t ps_model_eval(ps_model *m, const int32_t *tokens, int32_t n_tokens, int32_t n_past,
                       float *logits, int32_t all_logits, char *err, int32_t err_len);
+
+/* Selects the FFN mode for decoding (PS_SPARSE_*). Returns 0, or -1 with a message when the
+ * model lacks what the mode needs (predictor tensors). */
+int32_t ps_model_set_sparse_mode(ps_model *m, int32_t mode, char *err, int32_t err_len);
+int32_t ps_model_sparse_mode(const ps_model *m);
+/* Predictor decision threshold of one layer (or every layer when layer < 0): a neuron is
+ * predicted active when its predictor logit >= threshold. */
+void ps_model_set_predictor_threshold(ps_model *m, int32_t layer, float threshold);
+float ps_model_predictor_threshold(const ps_model *m, int32_t layer);
+int32_t ps_model_has_predictor(const ps_model *m);
+
+/* Statistics: while on, every evaluated token counts into per-layer ps_layer_stats; in
+ * predictor mode the exact gate is computed as well, to measure recall (slower). */
+void ps_model_set_stats(ps_model *m, int32_t enabled);
+void ps_model_reset_stats(ps_model *m);
+/* copies n_layer entries into out */
+void ps_model_get_stats(const ps_model *m, ps_layer_stats *out);
 
 int32_t ps_model_n_ctx(const ps_model *m);
 int32_t ps_model_n_threads(const ps_model *m);

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -19,7 +19,8 @@ import numpy as np
 from . import constants as K
 from .gguf_file import GGUFFile
 from .loader import ModelSpec, read_spec
-from .native import NativeModel
+from .loader import SPARSE_MODES
+from .native import LayerStats, NativeModel
 from .sampling import Sampler, SamplingParams
 
 DEFAULT_N_CTX = 4096
@@ -75,11 +76,46 @@ class Timings:
 
 
 @dataclass
-class _Generation:
-    """State of one generate() call."""
-    params: SamplingParams
-    sampler: Sampler
-    history: list[int] = field(default_factory=list)
+class SparsityReport:
+    """FFN activation statistics over the tokens evaluated while statistics were on."""
+    mode: str
+    layers: list[LayerStats]
+
+    def _total(self, attr: str) -> int:
+        return sum(getattr(l, attr) for l in self.layers)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.layers[0].n_tokens if self.layers else 0
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zero activations, averaged over layers and tokens (the paper's measure)."""
+        cells = sum(l.n_tokens * l.n_ff for l in self.layers)
+        return 1.0 - self._total("n_active") / cells if cells else float("nan")
+
+    @property
+    def predicted_sparsity(self) -> float:
+        cells = sum(l.n_tokens * l.n_ff for l in self.layers)
+        return 1.0 - self._total("n_predicted") / cells if cells and self.mode == "predictor" else float("nan")
+
+    @property
+    def recall(self) -> float:
+        active = self._total("n_active")
+        return self._total("n_predicted_active") / active if active and self.mode == "predictor" else float("nan")
+
+    def lines(self) -> list[str]:
+        """A summary and a per-layer table, for the CLI."""
+        out = [f"prosparse_sparse: mode {self.mode}, {self.n_tokens} tokens measured: FFN sparsity "
+               f"{100 * self.sparsity:.2f}%" + (f", predicted sparsity {100 * self.predicted_sparsity:.2f}%, "
+                                                 f"recall {100 * self.recall:.2f}%" if self.mode == "predictor" else "")]
+        out.append("prosparse_sparse: layer | sparsity % | predicted sparsity % | recall % | neurons computed %")
+        for i, l in enumerate(self.layers):
+            def pct(x: float) -> str:
+                return "-" if x != x else f"{100 * x:.2f}"
+            out.append(f"prosparse_sparse: {i:5d} | {pct(l.sparsity):>10} | {pct(l.predicted_sparsity):>20} | "
+                       f"{pct(l.recall):>8} | {pct(l.computed_fraction):>18}")
+        return out
 
 
 class Runtime:
@@ -87,11 +123,16 @@ class Runtime:
 
     n_ctx: context length in tokens (default: the model's, at most 4096). threads: default
     one per physical core. seed: makes sampling reproducible (None: a random seed, recorded
-    in ``.seed`` after each generation).
+    in ``.seed`` after each generation). sparse: how decoding computes the FFN, "dense",
+    "exact" (skip neurons the ReLU/FATReLU zeroes) or "predictor" (skip those the file's
+    predictors rule out); None picks the best the file supports. sparse_stats: count
+    per-layer sparsity and predictor recall (see ``sparsity()``; costs the exact gate in
+    predictor mode).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, n_ctx: int | None = None,
-                 threads: int | None = None, seed: int | None = None):
+                 threads: int | None = None, seed: int | None = None, sparse: str | None = None,
+                 sparse_stats: bool = False):
         start = time.perf_counter()
         if path is None:
             from .model_cache import default_model_path
@@ -108,7 +149,16 @@ class Runtime:
             self.threads = threads if threads is not None else physical_cores()
             if self.threads <= 0:
                 raise ValueError(f"threads must be positive, got {self.threads}")
-            self._model = NativeModel(self._gguf, self.spec, n_ctx, self.threads)
+            mode = sparse or self.spec.best_sparse_mode
+            if mode not in SPARSE_MODES:
+                raise ValueError(f"unknown sparse mode {mode!r}; choose one of {', '.join(SPARSE_MODES)}")
+            if mode == "predictor" and not self.spec.has_predictor:
+                raise ValueError(f"{self.path}: predictor mode needs predictor tensors "
+                                 f"(blk.N.fc1.weight, blk.N.fc2.weight); this file has none")
+            self._model = NativeModel(self._gguf, self.spec, n_ctx, self.threads,
+                                      transpose_down_for_sparse=mode != "dense" and not self.spec.has_down_t)
+            self._model.sparse_mode = mode
+            self._model.set_stats(sparse_stats)
         except BaseException:
             self._gguf.close()
             raise
@@ -137,6 +187,34 @@ class Runtime:
             raise ValueError(f"{self.path}: the file has no tokenizer ({K.KEY_TOKENS} is missing); "
                              f"pass token ids instead of text")
         return self.tokenizer
+
+    # --- sparsity ------------------------------------------------------------------------
+    @property
+    def sparse(self) -> str:
+        """The FFN mode of decoding: "dense", "exact" or "predictor" (settable)."""
+        return self._model.sparse_mode
+
+    @sparse.setter
+    def sparse(self, mode: str) -> None:
+        self._model.sparse_mode = mode
+
+    @property
+    def predictor_thresholds(self) -> list[float]:
+        """Per-layer predictor decision thresholds (logit >= threshold → computed)."""
+        return self._model.predictor_thresholds()
+
+    def set_predictor_threshold(self, threshold: float, layer: int | None = None) -> None:
+        """Lower: more neurons computed, higher recall; higher: sparser, faster, riskier."""
+        self._model.set_predictor_threshold(threshold, -1 if layer is None else layer)
+
+    def collect_stats(self, enabled: bool = True, reset: bool = True) -> None:
+        if reset:
+            self._model.reset_stats()
+        self._model.set_stats(enabled)
+
+    def sparsity(self) -> SparsityReport:
+        """Per-layer sparsity, predicted sparsity and recall since statistics were switched on."""
+        return SparsityReport(self.sparse, self._model.stats())
 
     # --- text <-> tokens -----------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:

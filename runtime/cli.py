@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply the model's chat template; interactive when stdin is a terminal")
     p.add_argument("-sys", "--system-prompt", help="system message for --chat")
     p.add_argument("--no-display-prompt", action="store_true", help="don't echo the prompt")
+    p.add_argument("--sparse", choices=["dense", "exact", "predictor"], default=None,
+                   help="FFN mode for decoding: dense, exact (skip neurons ReLU/FATReLU zeroes) or "
+                        "predictor (skip those the file's predictors rule out) (default: the best the file supports)")
+    p.add_argument("--sparse-stats", action="store_true",
+                   help="measure per-layer sparsity and predictor recall; print them at the end")
+    p.add_argument("--predictor-threshold", type=float, default=None, metavar="T",
+                   help="predictor decision threshold for every layer (default: the file's)")
     p.add_argument("--version", action="version", version=f"prosparse {__version__}")
     return p
 
@@ -128,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         if prompt is None and not args.chat:
             raise ValueError("no prompt: give one with -p TEXT or -f FILE (or use --chat)")
         with Runtime(args.model, n_ctx=args.ctx_size or None, threads=args.threads,
-                     seed=None if args.seed < 0 else args.seed) as rt:
+                     seed=None if args.seed < 0 else args.seed, sparse=args.sparse,
+                     sparse_stats=args.sparse_stats) as rt:
+            if args.predictor_threshold is not None:
+                rt.set_predictor_threshold(args.predictor_threshold)
             totals = _Totals(rt.timings.load_ms)
             try:
                 if args.chat:
@@ -141,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             except KeyboardInterrupt:
                 print(file=sys.stderr)
             totals.print()
+            if args.sparse_stats:
+                for line in rt.sparsity().lines():
+                    print(line, file=sys.stderr)
+            else:
+                print(f"prosparse_sparse: FFN mode {rt.sparse}", file=sys.stderr)
     except (GGUFError, NativeError, ModelDownloadError, ValueError, OSError) as e:
         print(f"prosparse-run: error: {e}", file=sys.stderr)
         return 1

@@ -58,7 +58,14 @@ KEY_ACTIVATION_THRESHOLD = "prosparse.activation_threshold"
 KEY_PREDICTOR_RANK = "prosparse.predictor_rank"
 KEY_PREDICTOR_THRESHOLD = "prosparse.predictor_threshold"
 KEY_PREDICTOR_LAYER_THRESHOLDS = "prosparse.predictor_layer_thresholds"
-# PowerInfer's key: the activation threshold its files carry (f32, optional).
+# What the predictor reads: PREDICTOR_INPUTS[0] "residual" (the residual stream before ffn_norm,
+# PowerInfer's choice and the default) or "normed" (the normalised FFN input).
+KEY_PREDICTOR_INPUT = "prosparse.predictor_input"
+PREDICTOR_INPUT_RESIDUAL = "residual"
+PREDICTOR_INPUT_NORMED = "normed"
+PREDICTOR_INPUTS = (PREDICTOR_INPUT_RESIDUAL, PREDICTOR_INPUT_NORMED)
+# PowerInfer's key: its predictors' decision threshold (a neuron is predicted active when its
+# predictor logit >= this; f32, optional, default 0). PowerInfer files carry no FATReLU threshold.
 KEY_POWERINFER_SPARSE_THRESHOLD = "powerinfer.sparse_threshold"
 
 ACT_SILU = "silu"

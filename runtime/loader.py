@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from gguf import GGMLQuantizationType
+import numpy as np
+from gguf import GGMLQuantizationType, quants
 
 from . import constants as K
 from .gguf_file import GGUFError, GGUFFile, TensorInfo
@@ -25,6 +26,8 @@ SUPPORTED_TYPES = (
 # C enum values (native/prosparse.h)
 ARCH_IDS = {K.ARCH_LLAMA: 0, K.ARCH_MINICPM: 1}
 ACTIVATION_IDS = {K.ACT_SILU: 0, K.ACT_RELU: 1, K.ACT_FATRELU: 2}
+PREDICTOR_INPUT_IDS = {K.PREDICTOR_INPUT_RESIDUAL: 0, K.PREDICTOR_INPUT_NORMED: 1}
+SPARSE_MODES = {"dense": 0, "exact": 1, "predictor": 2}
 
 # per-layer slots of ps_layer_weights and the GGUF tensor name of each
 LAYER_SLOTS = {
@@ -43,6 +46,23 @@ class ModelSpec:
     context_length: int
     globals: dict[str, TensorInfo | None]             # tok_embd, output_norm, output
     layers: list[dict[str, TensorInfo | None]] = field(default_factory=list)
+    predictor_thresholds: list[float] = field(default_factory=list)   # per layer
+    powerinfer: bool = False                                           # PWRI file
+
+    @property
+    def has_predictor(self) -> bool:
+        return all(l["fc1"] is not None for l in self.layers)
+
+    @property
+    def has_down_t(self) -> bool:
+        return all(l["ffn_down_t"] is not None for l in self.layers)
+
+    @property
+    def best_sparse_mode(self) -> str:
+        """predictor when the file has predictors, exact for ReLU/FATReLU, else dense."""
+        if self.activation == K.ACT_SILU:
+            return "dense"
+        return "predictor" if self.has_predictor else "exact"
 
     @property
     def activation(self) -> str:
@@ -101,11 +121,17 @@ def read_spec(gf: GGUFFile) -> ModelSpec:
         raise GGUFError(f"{gf.path}: {K.arch_key(arch, K.ROPE_DIMENSION_COUNT)} = {n_rot} must be even "
                         f"and at most the head size {head_dim}")
 
-    activation = _get(gf, K.KEY_ACTIVATION, str, default=K.ACT_SILU)
+    powerinfer = gf.magic == K.POWERINFER_MAGIC
+    # PowerInfer's files are ReLU models and say nothing of the activation
+    activation = _get(gf, K.KEY_ACTIVATION, str, default=K.ACT_RELU if powerinfer else K.ACT_SILU)
     if activation not in ACTIVATION_IDS:
         raise GGUFError(f"{gf.path}: {K.KEY_ACTIVATION} = {activation!r} is not one of "
                         f"{', '.join(K.ACTIVATIONS)}")
     threshold = _get(gf, K.KEY_ACTIVATION_THRESHOLD, float, default=0.0)
+    predictor_input = _get(gf, K.KEY_PREDICTOR_INPUT, str, default=K.PREDICTOR_INPUT_RESIDUAL)
+    if predictor_input not in PREDICTOR_INPUT_IDS:
+        raise GGUFError(f"{gf.path}: {K.KEY_PREDICTOR_INPUT} = {predictor_input!r} is not one of "
+                        f"{', '.join(K.PREDICTOR_INPUTS)}")
 
     scales = {"embd_scale": 1.0, "residual_scale": 1.0, "logit_scale": 1.0}
     if arch == K.ARCH_MINICPM:
@@ -126,14 +152,45 @@ def read_spec(gf: GGUFFile) -> ModelSpec:
         n_head_kv=n_head_kv, head_dim=head_dim, n_ff=n_ff, n_rot=n_rot,
         rms_eps=hp(K.RMS_EPS, float, default=1e-5), rope_base=hp(K.ROPE_FREQ_BASE, float, default=10000.0),
         activation=ACTIVATION_IDS[activation], act_threshold=threshold, **scales,
+        predictor_input=PREDICTOR_INPUT_IDS[predictor_input],
     )
-    spec = ModelSpec(arch=arch, config=config, globals=globals_,
-                     context_length=hp(K.CONTEXT_LENGTH, default=4096))
+    spec = ModelSpec(arch=arch, config=config, globals=globals_, powerinfer=powerinfer,
+                     context_length=hp(K.CONTEXT_LENGTH, default=4096),
+                     predictor_thresholds=_predictor_thresholds(gf, n_layer, powerinfer))
     for layer in range(n_layer):
         slots = {slot: _tensor(gf, K.block_tensor(layer, name), required=False) for slot, name in LAYER_SLOTS.items()}
         spec.layers.append(slots)
     _check_shapes(gf, spec)
     return spec
+
+
+def _predictor_thresholds(gf: GGUFFile, n_layer: int, powerinfer: bool) -> list[float]:
+    if powerinfer:
+        return [_get(gf, K.KEY_POWERINFER_SPARSE_THRESHOLD, float, default=0.0)] * n_layer
+    per_layer = gf.metadata.get(K.KEY_PREDICTOR_LAYER_THRESHOLDS)
+    if per_layer is not None:
+        values = np.asarray(per_layer, dtype=np.float64).ravel() if not isinstance(per_layer, str) else None
+        if values is None or len(values) != n_layer:
+            raise GGUFError(f"{gf.path}: {K.KEY_PREDICTOR_LAYER_THRESHOLDS} must hold one number per layer "
+                            f"({n_layer})")
+        return [float(v) for v in values]
+    return [_get(gf, K.KEY_PREDICTOR_THRESHOLD, float, default=0.0)] * n_layer
+
+
+def transpose_down(gf: GGUFFile, t: TensorInfo) -> np.ndarray:
+    """ffn_down (n_embd rows of n_ff) as ffn_down_t (n_ff rows of n_embd), in the same type.
+    Exact for float types; quantised types are re-quantised along the new rows (one more
+    rounding: converting with prosparse-convert, which transposes before quantising, is better)."""
+    n_ff, n_embd = t.shape
+    data = gf.tensor_data(t.name).reshape(n_embd, -1)
+    if t.type == GGMLQuantizationType.F32:
+        return np.ascontiguousarray(data.view(np.float32).T)
+    if t.type == GGMLQuantizationType.F16:
+        return np.ascontiguousarray(data.view(np.float16).T)
+    if t.type == GGMLQuantizationType.BF16:
+        return np.ascontiguousarray(data.view(np.uint16).T)
+    w = quants.dequantize(data, t.type).reshape(n_embd, n_ff)
+    return quants.quantize(np.ascontiguousarray(w.T), t.type)
 
 
 def _tensor(gf: GGUFFile, name: str, required: bool) -> TensorInfo | None:

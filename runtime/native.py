@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ._native import ffi, lib
 from .gguf_file import GGUFFile, TensorInfo
-from .loader import LAYER_SLOTS, ModelSpec
+from .loader import LAYER_SLOTS, SPARSE_MODES, ModelSpec, transpose_down
 
 ERR_LEN = 512
 
@@ -15,14 +17,48 @@ class NativeError(RuntimeError):
     """The C runtime refused an operation; the message says why."""
 
 
-class NativeModel:
-    """Owns a ps_model. Keeps the GGUF mapping alive for as long as the model exists."""
+@dataclass
+class LayerStats:
+    """Activation counts of one layer over the tokens measured (see ps_layer_stats)."""
+    n_tokens: int
+    n_active: int
+    n_predicted: int
+    n_predicted_active: int
+    n_computed: int
+    n_ff: int
+    predictor: bool               # measured in predictor mode: the predicted counts mean something
 
-    def __init__(self, gguf: GGUFFile, spec: ModelSpec, n_ctx: int, n_threads: int):
+    @property
+    def sparsity(self) -> float:
+        """Fraction of neurons whose activated gate is exactly zero."""
+        return 1.0 - self.n_active / (self.n_tokens * self.n_ff) if self.n_tokens else float("nan")
+
+    @property
+    def predicted_sparsity(self) -> float:
+        """Fraction of neurons the predictor marked inactive."""
+        return 1.0 - self.n_predicted / (self.n_tokens * self.n_ff) if self.n_tokens and self.predictor else float("nan")
+
+    @property
+    def recall(self) -> float:
+        """Truly active neurons the predictor marked active ÷ truly active neurons."""
+        return self.n_predicted_active / self.n_active if self.predictor and self.n_active else float("nan")
+
+    @property
+    def computed_fraction(self) -> float:
+        """Fraction of neurons whose up row and down vector were read."""
+        return self.n_computed / (self.n_tokens * self.n_ff) if self.n_tokens else float("nan")
+
+
+class NativeModel:
+    """Owns a ps_model. Keeps the GGUF mapping (and any tensors built at load) alive."""
+
+    def __init__(self, gguf: GGUFFile, spec: ModelSpec, n_ctx: int, n_threads: int,
+                 transpose_down_for_sparse: bool = False):
         self._gguf = gguf
         self.spec = spec
         self.n_vocab = spec.config["n_vocab"]
         self._base = ffi.from_buffer("char[]", gguf.buffer)   # pointer to the mapped file
+        self._owned: list[np.ndarray] = []                     # tensors made at load time
         cfg = ffi.new("ps_config *", spec.config)
         tok_embd = self._tensor(spec.globals["tok_embd"])
         output_norm = self._tensor(spec.globals["output_norm"])
@@ -31,6 +67,10 @@ class NativeModel:
         for i, slots in enumerate(spec.layers):
             for slot in LAYER_SLOTS:
                 setattr(layers[i], slot, self._tensor(slots[slot])[0])
+            if transpose_down_for_sparse and slots["ffn_down_t"] is None:
+                down = slots["ffn_down"]
+                layers[i].ffn_down_t = self._owned_tensor(transpose_down(gguf, down), down, down.shape[::-1])[0]
+                layers[i].ffn_down = self._tensor(None)[0]
         err = ffi.new("char[]", ERR_LEN)
         ptr = lib.ps_model_create(cfg, tok_embd, output_norm, output, layers, n_ctx, n_threads, err, ERR_LEN)
         if ptr == ffi.NULL:
@@ -38,6 +78,8 @@ class NativeModel:
         self._ptr = ffi.gc(ptr, lib.ps_model_free)
         self.n_ctx = n_ctx
         self.n_threads = n_threads
+        for layer, threshold in enumerate(spec.predictor_thresholds):
+            lib.ps_model_set_predictor_threshold(self._ptr, layer, threshold)
 
     def _tensor(self, t: TensorInfo | None):
         if t is None:
@@ -45,6 +87,12 @@ class NativeModel:
         return ffi.new("ps_tensor *", {"data": self._base + t.offset, "type": int(t.type),
                                        "ne0": t.ne0, "ne1": t.n_rows})
 
+    def _owned_tensor(self, data: np.ndarray, like: TensorInfo, shape: tuple[int, int]):
+        self._owned.append(data)
+        return ffi.new("ps_tensor *", {"data": ffi.from_buffer(data), "type": int(like.type),
+                                       "ne0": shape[0], "ne1": shape[1]})
+
+    # --- evaluation ----------------------------------------------------------------------
     def eval(self, tokens, n_past: int, all_logits: bool = False) -> np.ndarray:
         """Logits (n_vocab,) of the last token, or (len(tokens), n_vocab) with all_logits."""
         toks = np.ascontiguousarray(tokens, dtype=np.int32)
@@ -57,8 +105,43 @@ class NativeModel:
             raise NativeError(ffi.string(err).decode(errors="replace"))
         return out if all_logits else out[0]
 
+    # --- sparsity ------------------------------------------------------------------------
+    @property
+    def sparse_mode(self) -> str:
+        mode = lib.ps_model_sparse_mode(self._ptr)
+        return next(k for k, v in SPARSE_MODES.items() if v == mode)
+
+    @sparse_mode.setter
+    def sparse_mode(self, mode: str) -> None:
+        if mode not in SPARSE_MODES:
+            raise ValueError(f"unknown sparse mode {mode!r}; choose one of {', '.join(SPARSE_MODES)}")
+        err = ffi.new("char[]", ERR_LEN)
+        if lib.ps_model_set_sparse_mode(self._ptr, SPARSE_MODES[mode], err, ERR_LEN) != 0:
+            raise ValueError(f"{self._gguf.path}: {ffi.string(err).decode(errors='replace')}")
+
+    def predictor_thresholds(self) -> list[float]:
+        return [lib.ps_model_predictor_threshold(self._ptr, i) for i in range(len(self.spec.layers))]
+
+    def set_predictor_threshold(self, threshold: float, layer: int = -1) -> None:
+        lib.ps_model_set_predictor_threshold(self._ptr, layer, float(threshold))
+
+    def set_stats(self, enabled: bool) -> None:
+        lib.ps_model_set_stats(self._ptr, int(enabled))
+
+    def reset_stats(self) -> None:
+        lib.ps_model_reset_stats(self._ptr)
+
+    def stats(self) -> list[LayerStats]:
+        n_layer = len(self.spec.layers)
+        out = ffi.new("ps_layer_stats[]", n_layer)
+        lib.ps_model_get_stats(self._ptr, out)
+        n_ff, predictor = self.spec.config["n_ff"], self.sparse_mode == "predictor"
+        return [LayerStats(s.n_tokens, s.n_active, s.n_predicted, s.n_predicted_active, s.n_computed, n_ff,
+                           predictor) for s in out]
+
     def close(self) -> None:
         ptr, self._ptr = getattr(self, "_ptr", None), None
         if ptr is not None:
             ffi.release(ptr)
         self._base = None
+        self._owned = []

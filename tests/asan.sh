@@ -9,4 +9,4 @@ trap restore EXIT
 
 PROSPARSE_SANITIZE=address python setup.py -q build_ext --inplace --force >/dev/null
 LD_PRELOAD="$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-    python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_forward.py tests/test_gguf_errors.py "$@"
+    python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_forward.py tests/test_sparse.py tests/test_gguf_errors.py "$@"

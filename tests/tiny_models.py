@@ -63,3 +63,37 @@ def hf_greedy(model: LlamaForCausalLM, tokens: list[int], n: int) -> list[int]:
         out = model.generate(torch.tensor([tokens]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                              attention_mask=torch.ones(1, len(tokens), dtype=torch.long), pad_token_id=0)
     return out[0, len(tokens):].tolist()
+
+
+def with_extra(src: Path, dst: Path, tensors: dict | None = None, metadata: dict | None = None,
+               magic: bytes | None = None) -> Path:
+    """A copy of the GGUF src with extra float32 tensors and metadata (and another magic)."""
+    import numpy as np
+    from gguf import GGUFWriter, quants
+
+    from prosparse.convert.gguf_writer import _add_value
+    from prosparse.gguf_file import GGUFFile
+
+    with GGUFFile(src) as gf:
+        writer = GGUFWriter(dst, gf.metadata[K.KEY_ARCHITECTURE])
+        for key, value in gf.metadata.items():
+            if key not in (K.KEY_ARCHITECTURE, K.KEY_ALIGNMENT):
+                _add_value(writer, key, value)
+        for key, value in (metadata or {}).items():
+            _add_value(writer, key, value)
+        for name, t in gf.tensors.items():
+            raw = np.array(gf.tensor_data(name))
+            shape = list(reversed(t.shape))
+            if t.type in (quants.GGMLQuantizationType.F32, quants.GGMLQuantizationType.F16):
+                dtype = np.float32 if t.type == quants.GGMLQuantizationType.F32 else np.float16
+                writer.add_tensor(name, raw.view(dtype).reshape(shape))
+            else:
+                writer.add_tensor(name, raw.reshape(shape[:-1] + [-1]), raw_dtype=t.type)
+        for name, arr in (tensors or {}).items():
+            writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+        writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file()
+        writer.close()
+    if magic is not None:
+        with open(dst, "r+b") as f:
+            f.write(magic)
+    return dst

@@ -1,0 +1,172 @@
+"""Sparse FFN modes: exact == dense == transformers; predictor mode with right and wrong
+predictors; statistics; PowerInfer's PWRI files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from prosparse import Runtime
+from prosparse import constants as K
+from test_forward import PROMPT, rel_err
+from tiny_models import hf_logits, tiny_llama, to_gguf, with_extra
+
+CASES = [(K.ACT_RELU, None), (K.ACT_FATRELU, 0.05)]
+
+
+def decode_logits(rt: Runtime, tokens: list[int]) -> np.ndarray:
+    """Logits of every position, one token at a time: the decode path the sparse modes take."""
+    return np.stack([rt._model.eval([t], i) for i, t in enumerate(tokens)])
+
+
+def exact_predictor(model) -> dict:
+    """fc1/fc2 whose logit for neuron i is rms(x) * gate_i(x): positive exactly when the gate is,
+    whatever the RMSNorm's scale. fc1 = [G; -G], fc2 = [I, -I] gives relu(g) - relu(-g) = g."""
+    tensors = {}
+    for i, layer in enumerate(model.model.layers):
+        g = (layer.mlp.gate_proj.weight * layer.post_attention_layernorm.weight).detach().numpy()
+        n_ff = g.shape[0]
+        tensors[K.block_tensor(i, K.PREDICTOR_FC1)] = np.concatenate([g, -g])
+        tensors[K.block_tensor(i, K.PREDICTOR_FC2)] = np.concatenate([np.eye(n_ff), -np.eye(n_ff)], axis=1)
+    return tensors
+
+
+def random_predictor(model, rank: int = 16, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    n_ff, n_embd = model.config.intermediate_size, model.config.hidden_size
+    return {name: rng.normal(size=shape)
+            for i in range(model.config.num_hidden_layers)
+            for name, shape in ((K.block_tensor(i, K.PREDICTOR_FC1), (rank, n_embd)),
+                                (K.block_tensor(i, K.PREDICTOR_FC2), (n_ff, rank)))}
+
+
+@pytest.mark.parametrize("activation,threshold", CASES)
+@pytest.mark.parametrize("outtype", ["f32", "bf16"])
+def test_exact_equals_dense_equals_transformers(tmp_path, activation, threshold, outtype):
+    model = tiny_llama(activation, threshold or 0.0, seed=5)
+    path = to_gguf(model, tmp_path / "m.gguf", outtype, activation, threshold)
+    with Runtime(path, n_ctx=64, threads=2, sparse="dense") as dense, \
+            Runtime(path, n_ctx=64, threads=2, sparse="exact") as exact:
+        assert exact.sparse == "exact" and dense.sparse == "dense"
+        d, e = decode_logits(dense, PROMPT), decode_logits(exact, PROMPT)
+    assert rel_err(e, d) <= 1e-5
+    if outtype == "f32":
+        assert rel_err(e, hf_logits(model, PROMPT)) <= 1e-4
+
+
+def test_best_mode_follows_the_file(tmp_path):
+    relu = to_gguf(tiny_llama(K.ACT_RELU), tmp_path / "relu.gguf", "f32", K.ACT_RELU)
+    silu = to_gguf(tiny_llama(K.ACT_SILU), tmp_path / "silu.gguf")
+    with Runtime(relu, n_ctx=16, threads=1) as a, Runtime(silu, n_ctx=16, threads=1) as b:
+        assert (a.sparse, b.sparse) == ("exact", "dense")
+    with pytest.raises(ValueError, match="predictor mode needs predictor tensors"):
+        Runtime(relu, n_ctx=16, threads=1, sparse="predictor")
+    with pytest.raises(ValueError, match="unknown sparse mode 'fast'"):
+        Runtime(relu, n_ctx=16, threads=1, sparse="fast")
+
+
+@pytest.mark.parametrize("activation,threshold", CASES)
+def test_always_right_predictor_equals_exact(tmp_path, activation, threshold):
+    model = tiny_llama(activation, threshold or 0.0, seed=6)
+    base = to_gguf(model, tmp_path / "m.gguf", "f32", activation, threshold)
+    path = with_extra(base, tmp_path / "p.gguf", exact_predictor(model))
+    with Runtime(path, n_ctx=64, threads=2, sparse_stats=True) as pred, \
+            Runtime(path, n_ctx=64, threads=2, sparse="exact") as exact:
+        assert pred.sparse == "predictor"
+        p, e = decode_logits(pred, PROMPT), decode_logits(exact, PROMPT)
+        report = pred.sparsity()
+    assert rel_err(p, e) <= 1e-5
+    assert report.recall == 1.0
+    assert report.n_tokens == len(PROMPT)
+    assert 0.2 < report.sparsity < 0.9
+    # it predicts gate >= 0: a superset of the active set, never smaller
+    assert report.predicted_sparsity <= report.sparsity
+
+
+def test_poor_predictor_changes_outputs_and_reports_low_recall(tmp_path):
+    model = tiny_llama(K.ACT_RELU, seed=7)
+    base = to_gguf(model, tmp_path / "m.gguf", "f32", K.ACT_RELU)
+    path = with_extra(base, tmp_path / "p.gguf", random_predictor(model))
+    with Runtime(path, n_ctx=64, threads=2, sparse_stats=True) as pred, \
+            Runtime(path, n_ctx=64, threads=2, sparse="exact") as exact:
+        p, e = decode_logits(pred, PROMPT), decode_logits(exact, PROMPT)
+        report = pred.sparsity()
+    assert rel_err(p, e) > 1e-2
+    assert report.recall < 0.8
+    assert all(0.0 <= l.recall < 1.0 for l in report.layers)
+
+
+def test_predictor_threshold_is_adjustable(tmp_path):
+    model = tiny_llama(K.ACT_RELU, seed=8)
+    base = to_gguf(model, tmp_path / "m.gguf", "f32", K.ACT_RELU)
+    path = with_extra(base, tmp_path / "p.gguf", exact_predictor(model),
+                      metadata={K.KEY_PREDICTOR_THRESHOLD: 0.0})
+    with Runtime(path, n_ctx=64, threads=1, sparse_stats=True) as rt:
+        assert rt.predictor_thresholds == [0.0, 0.0]
+        rt.set_predictor_threshold(1e9)            # nothing predicted: the FFN adds nothing
+        decode_logits(rt, PROMPT[:4])
+        r = rt.sparsity()
+        assert r.predicted_sparsity == 1.0 and r.recall == 0.0
+        rt.set_predictor_threshold(0.0, layer=1)
+        assert rt.predictor_thresholds == [1e9, 0.0]
+
+
+def test_stats_match_transformers_activations(tmp_path):
+    model = tiny_llama(K.ACT_RELU, seed=9)
+    path = to_gguf(model, tmp_path / "m.gguf", "f32", K.ACT_RELU)
+    zeros = []
+    hooks = [layer.mlp.act_fn.register_forward_hook(lambda mod, inp, out: zeros.append((out == 0).float().mean().item()))
+             for layer in model.model.layers]
+    hf_logits(model, PROMPT)
+    for h in hooks:
+        h.remove()
+    for mode in ("dense", "exact"):
+        with Runtime(path, n_ctx=64, threads=2, sparse=mode, sparse_stats=True) as rt:
+            decode_logits(rt, PROMPT)
+            ours = [l.sparsity for l in rt.sparsity().layers]
+        assert np.allclose(ours, zeros, atol=2 / (len(PROMPT) * 192)), (mode, ours, zeros)
+
+
+def test_plain_ffn_down_is_transposed_at_load_for_sparse_modes(tmp_path):
+    model = tiny_llama(K.ACT_RELU, seed=10)
+    path = to_gguf(model, tmp_path / "m.gguf", "f16", K.ACT_RELU)   # ffn_down, not ffn_down_t
+    with Runtime(path, n_ctx=64, threads=2, sparse="exact") as rt:
+        assert all(slot is not None for slot in rt._model._owned)
+        assert len(rt._model._owned) == model.config.num_hidden_layers
+        e = decode_logits(rt, PROMPT)
+    assert rel_err(e, hf_logits(model, PROMPT)) <= 1e-2
+
+
+def test_powerinfer_file_is_read(tmp_path):
+    model = tiny_llama(K.ACT_RELU, seed=11)
+    base = to_gguf(model, tmp_path / "m.gguf", "f32", K.ACT_RELU)
+    # PowerInfer's files: PWRI magic, no prosparse keys (the activation is ReLU), its threshold key
+    path = with_extra(base, tmp_path / "pi.gguf", exact_predictor(model),
+                      metadata={K.KEY_POWERINFER_SPARSE_THRESHOLD: 0.0}, magic=K.POWERINFER_MAGIC)
+    with Runtime(path, n_ctx=64, threads=2) as rt:
+        assert rt.spec.powerinfer and rt.sparse == "predictor"
+        assert rel_err(decode_logits(rt, PROMPT), hf_logits(model, PROMPT)) <= 1e-4
+
+
+@pytest.mark.smollm2
+def test_cli_sparse_flags_and_stats(tmp_path, smollm2_path):
+    import subprocess
+    import sys
+
+    from prosparse.gguf_file import GGUFFile
+    with GGUFFile(smollm2_path) as gf:
+        tokenizer = {k: v for k, v in gf.metadata.items() if k.startswith("tokenizer.")}
+    model = tiny_llama(K.ACT_RELU, vocab=len(tokenizer[K.KEY_TOKENS]), seed=12)
+    path = to_gguf(model, tmp_path / "m.gguf", "q8_0", K.ACT_RELU, tokenizer_metadata=tokenizer)
+    r = subprocess.run([sys.executable, "-m", "prosparse.cli", "-m", str(path), "-p", "Hello there", "-n", "8",
+                        "--temp", "0", "--ignore-eos", "--sparse", "exact", "--sparse-stats"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    summary = [l for l in r.stderr.splitlines() if "mode exact" in l]
+    assert summary and "FFN sparsity" in summary[0]
+    rows = [l for l in r.stderr.splitlines() if l.startswith("prosparse_sparse:") and l.split(":")[1].strip()[:1].isdigit()]
+    assert len(rows) == model.config.num_hidden_layers
+    r = subprocess.run([sys.executable, "-m", "prosparse.cli", "-m", str(path), "-p", "Hi", "--sparse", "predictor"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "predictor mode needs predictor tensors" in r.stderr
