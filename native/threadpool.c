@@ -3,6 +3,7 @@
 #include "threadpool.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 
@@ -18,6 +19,9 @@
 /* Spin iterations before a worker goes to sleep: long enough to bridge the gap between two
  * operations of one forward pass, short enough not to burn a core between tokens. */
 #define SPIN_ITERATIONS 200000
+/* While spinning, give the core away now and then: when another process shares the cores,
+ * the thread being waited for may need this one's time slice. */
+#define YIELD_EVERY 1024
 
 typedef struct {
     ps_threadpool *pool;
@@ -47,8 +51,9 @@ static void *worker_main(void *arg) {
     for (;;) {
         /* wait for a new generation: spin, then sleep */
         int gen = atomic_load(&pool->generation);
-        for (int i = 0; gen == seen && i < SPIN_ITERATIONS; i++) {
-            cpu_relax();
+        for (int i = 1; gen == seen && i < SPIN_ITERATIONS; i++) {
+            if (i % YIELD_EVERY == 0) sched_yield();
+            else cpu_relax();
             gen = atomic_load(&pool->generation);
         }
         if (gen == seen) {
@@ -106,7 +111,10 @@ void ps_threadpool_run(ps_threadpool *pool, ps_task_fn fn, void *ctx) {
     atomic_store(&pool->n_done, 0);
     bump_generation(pool);
     fn(ctx, 0, pool->n_threads);
-    while (atomic_load(&pool->n_done) < pool->n_threads - 1) cpu_relax();
+    for (int i = 1; atomic_load(&pool->n_done) < pool->n_threads - 1; i++) {
+        if (i % YIELD_EVERY == 0) sched_yield();
+        else cpu_relax();
+    }
 }
 
 int ps_threadpool_size(const ps_threadpool *pool) { return pool->n_threads; }
