@@ -316,6 +316,15 @@ static const kernel_row kernels_scalar[PS_TYPE_COUNT] = {
     [PS_TYPE_Q4_1] = { to_float_q4_1_scalar, dot_q4_1_scalar, axpy_q4_1_scalar },
 };
 
+typedef void (*gemm_fn)(const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t nb,
+                        int64_t k, float *c, int64_t ldc);
+
+static void gemm_scalar(const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t nb,
+                        int64_t k, float *c, int64_t ldc) {
+    for (int64_t j = 0; j < nb; j++)
+        for (int64_t i = 0; i < m; i++) c[j * ldc + i] = dot_f32_scalar(a + i * lda, b + j * ldb, k);
+}
+
 /* n rounded down to whole blocks: the generic SIMD loops below treat any n % 32 as a tail of
  * plain elements, so a quantised row's partial block (a caller's bug) must be cut off, as the
  * scalar kernels ignore it, rather than read as floats. */
@@ -463,6 +472,42 @@ TARGET_AVX2 INLINE void axpy_avx2(float a, const void *row, float *y, int64_t n,
 
 SIMD_ALL_TYPES(TARGET_AVX2, avx2)
 
+/* tiles of 4 rows x 2 tokens: 8 accumulators, 6 loads per 8 fmas */
+TARGET_AVX2 static void gemm_avx2(const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t nb,
+                                  int64_t k, float *c, int64_t ldc) {
+    const int64_t k8 = k - k % 8;
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+        const float *a0 = a + i * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
+        int64_t j = 0;
+        for (; j + 2 <= nb; j += 2) {
+            const float *b0 = b + j * ldb, *b1 = b0 + ldb;
+            __m256 acc[4][2];
+            for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+            for (int64_t p = 0; p < k8; p += 8) {
+                const __m256 vb0 = _mm256_loadu_ps(b0 + p), vb1 = _mm256_loadu_ps(b1 + p);
+                const __m256 va[4] = { _mm256_loadu_ps(a0 + p), _mm256_loadu_ps(a1 + p),
+                                       _mm256_loadu_ps(a2 + p), _mm256_loadu_ps(a3 + p) };
+                for (int r = 0; r < 4; r++) {
+                    acc[r][0] = _mm256_fmadd_ps(va[r], vb0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(va[r], vb1, acc[r][1]);
+                }
+            }
+            const float *ar[4] = { a0, a1, a2, a3 };
+            for (int r = 0; r < 4; r++)
+                for (int t = 0; t < 2; t++) {
+                    float s = hsum_avx2(acc[r][t]);
+                    for (int64_t p = k8; p < k; p++) s += ar[r][p] * b[(j + t) * ldb + p];
+                    c[(j + t) * ldc + i + r] = s;
+                }
+        }
+        for (; j < nb; j++)
+            for (int r = 0; r < 4; r++) c[j * ldc + i + r] = dot_avx2(a + (i + r) * lda, b + j * ldb, k, PS_TYPE_F32);
+    }
+    for (; i < m; i++)
+        for (int64_t j = 0; j < nb; j++) c[j * ldc + i] = dot_avx2(a + i * lda, b + j * ldb, k, PS_TYPE_F32);
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* AVX-512 F/BW/VL: 32 weights = 2 x __m512                                                 */
 /* VNNI and AVX512-BF16 would need the activations in int8 / bf16; with f32 activations
@@ -589,6 +634,36 @@ TARGET_AVX512 INLINE void axpy_avx512(float a, const void *row, float *y, int64_
 }
 
 SIMD_ALL_TYPES(TARGET_AVX512, avx512)
+
+/* tiles of 4 rows x 4 tokens: 16 accumulators, 8 loads per 16 fmas; k's tail under a mask */
+TARGET_AVX512 static void gemm_avx512(const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb,
+                                      int64_t nb, int64_t k, float *c, int64_t ldc) {
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+        const float *ar[4] = { a + i * lda, a + (i + 1) * lda, a + (i + 2) * lda, a + (i + 3) * lda };
+        int64_t j = 0;
+        for (; j + 4 <= nb; j += 4) {
+            const float *br[4] = { b + j * ldb, b + (j + 1) * ldb, b + (j + 2) * ldb, b + (j + 3) * ldb };
+            __m512 acc[4][4];
+            for (int r = 0; r < 4; r++)
+                for (int t = 0; t < 4; t++) acc[r][t] = _mm512_setzero_ps();
+            for (int64_t p = 0; p < k; p += 16) {
+                const __mmask16 mask = tail_mask(k - p);
+                __m512 va[4], vb[4];
+                for (int r = 0; r < 4; r++) va[r] = _mm512_maskz_loadu_ps(mask, ar[r] + p);
+                for (int t = 0; t < 4; t++) vb[t] = _mm512_maskz_loadu_ps(mask, br[t] + p);
+                for (int r = 0; r < 4; r++)
+                    for (int t = 0; t < 4; t++) acc[r][t] = _mm512_fmadd_ps(va[r], vb[t], acc[r][t]);
+            }
+            for (int r = 0; r < 4; r++)
+                for (int t = 0; t < 4; t++) c[(j + t) * ldc + i + r] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+        for (; j < nb; j++)
+            for (int r = 0; r < 4; r++) c[j * ldc + i + r] = dot_avx512(ar[r], b + j * ldb, k, PS_TYPE_F32);
+    }
+    for (; i < m; i++)
+        for (int64_t j = 0; j < nb; j++) c[j * ldc + i] = dot_avx512(a + i * lda, b + j * ldb, k, PS_TYPE_F32);
+}
 #endif /* __x86_64__ */
 
 #if defined(__aarch64__)
@@ -722,6 +797,15 @@ static const kernel_row *const isa_kernels[PS_ISA_COUNT] = {
 #endif
 };
 
+/* NULL: scalar (NEON has no tiled kernel yet) */
+static const gemm_fn isa_gemm[PS_ISA_COUNT] = {
+    [PS_ISA_SCALAR] = gemm_scalar,
+#if defined(__x86_64__)
+    [PS_ISA_AVX2]   = gemm_avx2,
+    [PS_ISA_AVX512] = gemm_avx512,
+#endif
+};
+
 static const char *const isa_names[PS_ISA_COUNT] = {
     [PS_ISA_SCALAR] = "scalar", [PS_ISA_AVX2] = "avx2", [PS_ISA_AVX512] = "avx512", [PS_ISA_NEON] = "neon",
 };
@@ -805,4 +889,17 @@ float ps_dot_f32(const float *a, const float *b, int64_t n) {
 void ps_axpy_f32(float a, const float *x, float *y, int64_t n) {
     ensure_init();
     traits[best_isa][PS_TYPE_F32].axpy(a, x, y, n);
+}
+
+int ps_gemm_nt_f32_isa(int isa, const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb,
+                       int64_t nb, int64_t k, float *c, int64_t ldc) {
+    ensure_init();
+    if (isa < 0 || isa >= PS_ISA_COUNT || !available[isa]) return -1;
+    (isa_gemm[isa] ? isa_gemm[isa] : gemm_scalar)(a, lda, m, b, ldb, nb, k, c, ldc);
+    return 0;
+}
+
+void ps_gemm_nt_f32(const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t nb,
+                    int64_t k, float *c, int64_t ldc) {
+    ps_gemm_nt_f32_isa(ps_kernels_best_isa(), a, lda, m, b, ldb, nb, k, c, ldc);
 }

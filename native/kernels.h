@@ -63,6 +63,15 @@ size_t ps_row_bytes(int type, int64_t n);
 float ps_dot_f32(const float *a, const float *b, int64_t n);
 void  ps_axpy_f32(float a, const float *x, float *y, int64_t n);
 
+/* Prompt batches: c[j*ldc + i] = a_i . b_j for the m rows a_i of a (row stride lda) and the
+ * nb rows b_j of b (row stride ldb), every row k floats. Register-blocked tiles of rows x
+ * tokens, so each loaded vector feeds several products. */
+void ps_gemm_nt_f32(const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t nb,
+                    int64_t k, float *c, int64_t ldc);
+/* the same for one instruction set (tests compare them); returns -1 if isa is unavailable */
+int ps_gemm_nt_f32_isa(int isa, const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb,
+                       int64_t nb, int64_t k, float *c, int64_t ldc);
+
 /* f16 / bf16 scalar conversions (exact, round-to-nearest-even for float -> half). */
 float    ps_f16_to_f32(uint16_t h);
 uint16_t ps_f32_to_f16(float f);

@@ -49,7 +49,7 @@ struct ps_model {
     float *hb;                   /* (batch, n_ff) gate, then act(gate)*up  */
     float *hb2;                  /* (batch, n_ff) up                       */
     float *scores;               /* (n_threads, n_ctx) attention scores    */
-    float *row_buf;              /* (n_threads, max row length) dequantised weight row */
+    float *row_buf;              /* (n_threads, ROW_CHUNK, max row length) dequantised weight rows */
     float *down_acc;             /* (n_threads, batch, n_embd) per-thread sums of down_t axpys */
     int64_t row_buf_len;
 
@@ -109,33 +109,36 @@ static matmul_target some_rows(const ps_tensor *w, float *out, const int32_t *ro
     return (matmul_target){ w, out, rows, n_rows };
 }
 
+/* Rows j0..j1 of a target. One token: a dot per row. A batch: the chunk's rows are
+ * dequantised once into the thread's tile, then multiplied with every token at once. */
 static void matmul_rows(const matmul_target *t, const float *in, int batch, int64_t j0, int64_t j1,
-                        float *row_buf) {
+                        float *tile) {
     const ps_tensor *w = t->w;
     const ps_type_traits *tt = ps_type_traits_for(w->type, -1);
     const int64_t n = w->ne0, rows = w->ne1;
     const size_t row_bytes = ps_row_bytes(w->type, n);
     const char *base = (const char *)w->data;
-    for (int64_t j = j0; j < j1; j++) {
-        const int64_t r = t->rows ? t->rows[j] : j;
-        const void *row = base + (size_t)r * row_bytes;
-        if (batch == 1) {
-            t->out[r] = tt->dot(row, in, n);
-            continue;
+    if (batch == 1) {
+        for (int64_t j = j0; j < j1; j++) {
+            const int64_t r = t->rows ? t->rows[j] : j;
+            t->out[r] = tt->dot(base + (size_t)r * row_bytes, in, n);
         }
-        /* dequantise once, reuse for every token of the batch */
-        const float *wf = (const float *)row;
-        if (w->type != PS_TYPE_F32) {
-            tt->to_float(row, row_buf, n);
-            wf = row_buf;
-        }
-        for (int b = 0; b < batch; b++) t->out[(int64_t)b * rows + r] = ps_dot_f32(wf, in + (int64_t)b * n, n);
+        return;
     }
+    const float *a = (const float *)(base + (size_t)j0 * row_bytes);   /* batches use all rows */
+    if (w->type != PS_TYPE_F32) {
+        for (int64_t j = j0; j < j1; j++) tt->to_float(base + (size_t)j * row_bytes, tile + (j - j0) * n, n);
+        a = tile;
+    }
+    ps_gemm_nt_f32(a, n, j1 - j0, in, n, batch, n, t->out + j0, rows);
 }
+
+/* a thread's scratch: ROW_CHUNK rows of the longest row */
+static float *thread_tile(ps_model *m, int ith) { return m->row_buf + (int64_t)ith * ROW_CHUNK * m->row_buf_len; }
 
 static void matmul_task(void *ctx, int ith, int nth) {
     matmul_job *job = ctx;
-    float *row_buf = job->m->row_buf + (int64_t)ith * job->m->row_buf_len;
+    float *tile = thread_tile(job->m, ith);
     for (;;) {
         int64_t start = atomic_fetch_add(&job->next_row, ROW_CHUNK);
         if (start >= job->total_rows) return;
@@ -146,7 +149,7 @@ static void matmul_task(void *ctx, int ith, int nth) {
             int64_t rows = job->t[i].n_rows;
             if (start < offset + rows) {
                 int64_t stop = end < offset + rows ? end : offset + rows;
-                matmul_rows(&job->t[i], job->in, job->batch, start - offset, stop - offset, row_buf);
+                matmul_rows(&job->t[i], job->in, job->batch, start - offset, stop - offset, tile);
                 start = stop;
             }
             offset += rows;
@@ -271,7 +274,7 @@ static void down_t_task(void *ctx, int ith, int nth) {
     const ps_type_traits *tt = ps_type_traits_for(w->type, -1);
     const size_t row_bytes = ps_row_bytes(w->type, dim);
     float *acc = m->down_acc + (int64_t)ith * MAX_BATCH * dim;
-    float *row_buf = m->row_buf + (int64_t)ith * m->row_buf_len;
+    float *row_buf = thread_tile(m, ith);
     memset(acc, 0, (size_t)(job->batch * dim) * sizeof(float));
     for (;;) {
         int64_t start = atomic_fetch_add(&job->next, ROW_CHUNK);
@@ -645,7 +648,7 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
     m->hb = alloc_floats(MAX_BATCH * ff, &failed);
     m->hb2 = alloc_floats(MAX_BATCH * ff, &failed);
     m->scores = alloc_floats((int64_t)n_threads * n_ctx, &failed);
-    m->row_buf = alloc_floats((int64_t)n_threads * max_row, &failed);
+    m->row_buf = alloc_floats((int64_t)n_threads * ROW_CHUNK * max_row, &failed);
     m->down_acc = alloc_floats((int64_t)n_threads * MAX_BATCH * dim, &failed);
     m->pred_threshold = alloc_floats(c->n_layer, &failed);
     m->pred_hidden = alloc_floats(max_rank, &failed);

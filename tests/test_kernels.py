@@ -450,3 +450,22 @@ def test_dot_f32_from_threads(heap):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: lib.ps_dot_f32(ap, bp, n), range(200)))
     assert results == [single] * 200
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("m,nb,k", [(16, 64, 576), (4, 4, 16), (7, 5, 33), (1, 1, 1), (13, 9, 1001), (16, 3, 1536)])
+def test_gemm_matches_numpy(isa_name, m, nb, k, heap):
+    isa = require_isa(isa_name)
+    rng = np.random.default_rng(m * 1000 + nb * 10 + k)
+    lda, ldb, ldc = k + 3, k + 1, m + 2                      # strides wider than the rows
+    a = heap.put(random_floats(rng, m * lda), "float *")
+    b = heap.put(random_floats(rng, nb * ldb), "float *")
+    c = heap.put(np.full(nb * ldc, np.nan, dtype=np.float32), "float *")
+    assert lib.ps_gemm_nt_f32_isa(isa, a, lda, m, b, ldb, nb, k, c, ldc) == 0
+    A = read(a, np.float32, m * lda).reshape(m, lda)[:, :k].astype(np.float64)
+    B = read(b, np.float32, nb * ldb).reshape(nb, ldb)[:, :k].astype(np.float64)
+    got = read(c, np.float32, nb * ldc).reshape(nb, ldc)
+    expected = B @ A.T
+    scale = np.abs(B) @ np.abs(A).T
+    assert np.all(np.abs(got[:, :m] - expected) <= 1e-5 * scale + 1e-30)
+    assert np.all(np.isnan(got[:, m:]))                        # nothing written past m
