@@ -152,9 +152,6 @@ class Runtime:
             mode = sparse or self.spec.best_sparse_mode
             if mode not in SPARSE_MODES:
                 raise ValueError(f"unknown sparse mode {mode!r}; choose one of {', '.join(SPARSE_MODES)}")
-            if mode == "predictor" and not self.spec.has_predictor:
-                raise ValueError(f"{self.path}: predictor mode needs predictor tensors "
-                                 f"(blk.N.fc1.weight, blk.N.fc2.weight); this file has none")
             self._model = NativeModel(self._gguf, self.spec, n_ctx, self.threads,
                                       transpose_down_for_sparse=mode != "dense" and not self.spec.has_down_t)
             self._model.sparse_mode = mode
