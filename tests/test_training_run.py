@@ -1,5 +1,5 @@
 """End-to-end runs on a tiny model: the API run, eval/sweep/plot CLIs, resume after a kill,
-and 2-process DDP (gloo) against one process with the same global batch."""
+and 2-process DDP and FSDP (gloo) against one process with the same global batch."""
 
 import json
 import os
@@ -112,23 +112,33 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny):
     assert [r["loss"] for r in rows(killed_dir)] == [r["loss"] for r in rows(whole_dir)]
 
 
-def test_two_process_ddp_matches_one_process(tiny):
+@pytest.fixture(scope="module")
+def distributed_recipe(tiny):
+    """A 4-step recipe, and its single-process run with grad_accum 2 (the same global batch)."""
     tmp, model_dir, corpus = tiny
     recipe = tiny_recipe(tmp, model_dir, corpus, train={"steps": 4, "micro_batch": 2, "grad_accum": 1},
                          sparsity={"relu_steps": 1, "stages": [[0.01, 4]]},
                          run={"eval_every": 2, "save_every": 4})
-    recipe_file = str(write_recipe(tmp / "ddp.json", recipe))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "prosparse.training.cli", "train", "--recipe", recipe_file,
-                          "-o", f"run.out_dir={tmp / 'ddp'}"], env=env, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
-    assert "2 process(es)" in ddp.stdout
+    recipe_file = str(write_recipe(tmp / "distributed.json", recipe))
     single = finished(cli("train", "--recipe", recipe_file, "-o", f"run.out_dir={tmp / 'single'}",
                           "-o", "train.grad_accum=2"))
     assert "1 process(es)" in single
-    a, b = params(latest_checkpoint(tmp / "ddp")), params(latest_checkpoint(tmp / "single"))
-    assert a["world_size"] == 2 and b["world_size"] == 1
-    for name in b["model"]:
-        assert torch.allclose(a["model"][name], b["model"][name], atol=1e-5, rtol=1e-4), name
-    assert (tmp / "ddp" / "final" / "model.safetensors").is_file()
+    return recipe_file, params(latest_checkpoint(tmp / "single"))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tiny, distributed_recipe, mode):
+    tmp = tiny[0]
+    recipe_file, single = distributed_recipe
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "prosparse.training.cli", "train", "--recipe", recipe_file,
+                          "-o", f"run.out_dir={tmp / mode}", "-o", f"train.distributed={mode}"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "2 process(es)" in run.stdout
+    two = params(latest_checkpoint(tmp / mode))
+    assert two["world_size"] == 2 and single["world_size"] == 1
+    for name in single["model"]:
+        assert torch.allclose(two["model"][name], single["model"][name], atol=1e-5, rtol=1e-4), name
+    assert (tmp / mode / "final" / "model.safetensors").is_file()

@@ -42,7 +42,8 @@ def use_bf16(device: torch.device, precision: str) -> bool:
         return True
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return "AVX512" in torch.backends.cpu.get_cpu_capability() or "AMX" in torch.backends.cpu.get_cpu_capability()
+    # oneDNN's check for native bf16 instructions (AVX512-BF16 / AMX); elsewhere bf16 is emulated
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
