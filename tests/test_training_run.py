@@ -93,6 +93,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny):
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished
     resumed_from = params(latest_checkpoint(killed_dir))["step"]
+    with open(killed_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99999, "lo')  # as if the kill had landed mid-write
     stop = resumed_from + 7
 
     out = finished(cli("train", "--recipe", recipe_file, "--resume", "-o", f"run.out_dir={killed_dir}",

@@ -21,6 +21,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 
 from . import distributed as dist
 
+class TrainingError(RuntimeError):
+    """A run cannot start or resume as asked; the message says why and what to do."""
+
+
 CHECKPOINT_RE = re.compile(r"step_(\d{8})\.pt$")
 
 
@@ -78,12 +82,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, recipe: dict, ex
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and this rank's RNG state; return the checkpoint's other fields."""
     state = torch.load(path, map_location="cpu", weights_only=False)
+    rngs = state.pop("rng")
+    if len(rngs) != dist.world_size():
+        raise TrainingError(f"checkpoint {path} was written by {len(rngs)} processes, this run has "
+                            f"{dist.world_size()}; resume with the same --nproc_per_node")
     options = StateDictOptions(full_state_dict=True)
     set_state_dict(model, optimizer, model_state_dict=state.pop("model"),
                    optim_state_dict=state.pop("optimizer"), options=options)
-    rngs = state.pop("rng")
-    if len(rngs) != dist.world_size():
-        raise RuntimeError(f"checkpoint {path} was written by {len(rngs)} processes, this run has "
-                           f"{dist.world_size()}; resume with the same --nproc_per_node")
     set_rng_state(rngs[dist.rank()])
     return state

@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .recipe import RecipeError
+    from .checkpoint import TrainingError
     try:
         return COMMANDS[args.command](args)
-    except (RecipeError, FileNotFoundError) as e:
+    except (RecipeError, TrainingError, FileNotFoundError) as e:
         print(f"prosparse-train {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import subprocess
+import urllib.parse
 from pathlib import Path
 
 from .data import HTML_SUFFIXES, html_to_text, read_text_file, tidy_text
@@ -134,7 +135,7 @@ def prepare_corpus(packages: list[str], corpus_dir: str | Path, work_dir: str | 
         shutil.rmtree(out, ignore_errors=True)
         if kept:
             os.replace(tmp, out)
-        version = deb.stem.split("_")[1]
+        version = urllib.parse.unquote(deb.stem.split("_")[1])  # "3%3a3.2" is epoch 3: 3:3.2
         manifest["packages"][package] = {"deb": deb.name, "version": version, "documents": kept,
                                          "dropped_not_prose": dropped, "duplicates": duplicates, "chars": chars}
         corpus_dir.mkdir(parents=True, exist_ok=True)

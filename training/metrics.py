@@ -12,10 +12,20 @@ STEP_FIELDS = ["step", "loss", "lm_loss", "ce", "kl", "l1", "lambda", "lambda_l1
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file; a last line cut short by a kill is ignored."""
     if not path.is_file():
         return []
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if line.endswith("\n"):
+                    raise
+    return rows
 
 
 class MetricsLog:

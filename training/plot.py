@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .metrics import read_jsonl
+from .schedule import lambda_at, lr_at
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -20,9 +22,20 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     x = [r["step"] for r in steps]
     fig, (ax_lam, ax_loss, ax_sp) = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
 
+    recipe_file = run_dir / "recipe.json"
+    if recipe_file.is_file():  # the whole planned schedule, also beyond the steps run so far
+        recipe = json.loads(recipe_file.read_text())
+        sparsity, train = recipe["sparsity"], recipe["train"]
+        planned = range(1, train["steps"] + 1)
+        ax_lam.plot(planned, [lambda_at(t, sparsity["stages"], sparsity["relu_steps"]) for t in planned],
+                    color="tab:red", linestyle=":", alpha=0.6, label="λ(t) planned")
+        planned_lr = [lr_at(t, train["lr"], train["steps"], train["warmup_steps"], train["lr_decay"],
+                            train["min_lr_ratio"]) for t in planned]
     ax_lam.plot(x, [r["lambda"] for r in steps], color="tab:red", label="λ(t)")
     ax_lam.set_ylabel("λ")
     ax_lr = ax_lam.twinx()
+    if recipe_file.is_file():
+        ax_lr.plot(planned, planned_lr, color="tab:gray", linestyle=":", alpha=0.6)
     ax_lr.plot(x, [r["lr"] for r in steps], color="tab:gray", linestyle="--", label="learning rate")
     ax_lr.set_ylabel("learning rate")
     ax_lam.legend(loc="upper left")

@@ -8,6 +8,7 @@ clip, step → log → evaluate / checkpoint / export when due → final export 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from . import distributed as dist
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import TrainingError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import SequenceStream, build_token_cache, micro_batch_start
 from .evaluate import (autocast_context, evaluate, layer_table, next_token_nll, summary_line,
                        sweep_threshold, use_bf16)
@@ -57,6 +58,18 @@ def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.op
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=tuple(t.betas))
 
 
+def recipe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old → new`` for every value that differs between two recipe dicts."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += recipe_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a} → {b}")
+    return changes
+
+
 def log_main(*args) -> None:
     if dist.is_main():
         print(*args, flush=True)
@@ -79,7 +92,7 @@ def _train(recipe: Recipe, resume: bool, device: torch.device) -> Path:
     torch.manual_seed(t.seed + dist.rank())
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if not resume and list_checkpoints(run_dir):
-        raise RuntimeError(f"run folder {run_dir} already has checkpoints: pass --resume to continue it, "
+        raise TrainingError(f"run folder {run_dir} already has checkpoints: pass --resume to continue it, "
                            f"or choose another run.out_dir")
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -89,9 +102,8 @@ def _train(recipe: Recipe, resume: bool, device: torch.device) -> Path:
     # --- model, teacher, data ---
     model, tokenizer = load_model(recipe.model.path)
     teacher = None
-    if recipe.distill.weight > 0:
-        teacher, _ = load_model(recipe.model.path)
-        teacher.to(device).eval().requires_grad_(False)
+    if recipe.distill.weight > 0:  # the model as loaded (SiLU), before surgery
+        teacher = copy.deepcopy(model).to(device).eval().requires_grad_(False)
     set_gate_activation(model, recipe.model.activation)
     trainable = select_trainable(model, recipe)
     if recipe.model.gradient_checkpointing:
@@ -130,9 +142,12 @@ def _train(recipe: Recipe, resume: bool, device: torch.device) -> Path:
         state = load_checkpoint(checkpoint, model, optimizer)
         start_step = state["step"]
         if state["global_batch"] != global_batch or state["seq_len"] != data.seq_len:
-            raise RuntimeError(f"{checkpoint}: written with global batch {state['global_batch']} × "
+            raise TrainingError(f"{checkpoint}: written with global batch {state['global_batch']} × "
                                f"{state['seq_len']} tokens; this run has {global_batch} × {data.seq_len}")
         log_main(f"resumed from {checkpoint} at step {start_step}")
+        changed = recipe_changes(state["recipe"], recipe.to_dict())
+        if changed:
+            log_main("recipe changed since the checkpoint: " + "; ".join(changed))
     elif resume:
         log_main(f"--resume: no checkpoint in {run_dir}; starting from step 0")
     if dist.is_main():
