@@ -1,5 +1,14 @@
-"""prosparse.convert: Hugging Face checkpoints → GGUF files that prosparse runs."""
+"""prosparse.convert: Hugging Face checkpoints → GGUF files that prosparse runs.
 
-from .gguf_writer import OUTTYPES, write_llama_gguf
+``convert_checkpoint`` (the ``prosparse-convert`` CLI as a function) reads a checkpoint directory
+and writes one file; ``write_llama_gguf`` writes an in-memory state dict (tests, training).
+"""
 
-__all__ = ["OUTTYPES", "write_llama_gguf"]
+from .errors import (ConversionError, MissingFileError, OutputExistsError, PredictorError, TensorError,
+                     UnsupportedModelError, VocabError)
+from .gguf_writer import LAYOUTS, OUTTYPES, write_llama_gguf
+from .hf_to_gguf import FORMATS, ConversionResult, convert_checkpoint
+
+__all__ = ["ConversionError", "ConversionResult", "FORMATS", "LAYOUTS", "MissingFileError", "OUTTYPES",
+           "OutputExistsError", "PredictorError", "TensorError", "UnsupportedModelError", "VocabError",
+           "convert_checkpoint", "write_llama_gguf"]

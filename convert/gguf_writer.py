@@ -1,21 +1,33 @@
-"""Writing llama-architecture GGUF files from float weights in HF layout.
+"""Writing GGUF files from float weights in HF layout, one tensor at a time.
 
-Names come from ``prosparse.constants``; quantisation from the ``gguf`` package (ggml's
-reference quantisers). Output is written to a temporary file beside the target and renamed
-at the end, so an error or Ctrl-C never leaves a half-written model.
+A conversion is a list of ``PlannedTensor`` (GGUF name, shape, stored type, how to load it) and
+a metadata dict. ``write_gguf`` writes the header from the plan, then loads, transforms,
+quantises and writes each tensor in turn, so memory holds one tensor, not the model. Output goes
+to a temporary file beside the target that is renamed at the end: an error or Ctrl-C never
+leaves a half-written model. Names come from ``prosparse.constants``; quantisation from the
+``gguf`` package (ggml's reference quantisers).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, quants
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType, quants
 
 from prosparse import constants as K
+
+from .checkpoint import (EMBED, LM_HEAD, NORM, DictTensors, Hyperparams, TensorSource, check_tensors,
+                         hyperparams, layer_tensor)
+from .errors import OutputExistsError
+
+log = logging.getLogger("prosparse.convert")
 
 # --outtype name → ggml type
 OUTTYPES = {
@@ -26,6 +38,14 @@ OUTTYPES = {
     "q4_0": GGMLQuantizationType.Q4_0,
     "q4_1": GGMLQuantizationType.Q4_1,
 }
+# general.file_type for each --outtype (llama.cpp's llama_ftype)
+FILE_TYPES = {
+    "f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
+    "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1,
+}
+LAYOUT_DENSE = "dense"      # blk.N.ffn_down.weight, as llama.cpp
+LAYOUT_SPARSE = "sparse"    # blk.N.ffn_down_t.weight: one contiguous n_embd vector per neuron
+LAYOUTS = (LAYOUT_DENSE, LAYOUT_SPARSE)
 
 # HF parameter name (inside model.layers.N.) → GGUF tensor name (inside blk.N.)
 HF_LAYER_NAMES = {
@@ -47,17 +67,200 @@ def permute_for_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def stored_type(shape: tuple[int, ...], ttype: GGMLQuantizationType) -> GGMLQuantizationType:
+    """The type a tensor of this (numpy) shape is stored in: 1-D tensors and rows that do not fill
+    whole quantisation blocks stay F32."""
+    block = quants.GGML_QUANT_SIZES[ttype][0]
+    return GGMLQuantizationType.F32 if len(shape) == 1 or shape[-1] % block else ttype
+
+
+def encode(w: np.ndarray, ttype: GGMLQuantizationType) -> np.ndarray:
+    """float32 ``w`` as the bytes (or float array) of ``ttype``."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if ttype == GGMLQuantizationType.F32:
+        return w
+    if ttype == GGMLQuantizationType.F16:
+        return w.astype(np.float16)
+    return quants.quantize(w, ttype)
+
+
 def encode_tensor(w: np.ndarray, ttype: GGMLQuantizationType) -> tuple[np.ndarray, GGMLQuantizationType]:
     """w (float) in the given type; 1-D tensors and rows that don't fit a block stay F32."""
-    w = np.ascontiguousarray(w, dtype=np.float32)
-    block = quants.GGML_QUANT_SIZES[ttype][0]
-    if w.ndim == 1 or w.shape[-1] % block:
-        return w, GGMLQuantizationType.F32
-    if ttype == GGMLQuantizationType.F32:
-        return w, ttype
-    if ttype == GGMLQuantizationType.F16:
-        return w.astype(np.float16), ttype
-    return quants.quantize(w, ttype), ttype
+    w = np.asarray(w, dtype=np.float32)
+    actual = stored_type(w.shape, ttype)
+    return encode(w, actual), actual
+
+
+@dataclasses.dataclass
+class PlannedTensor:
+    """One tensor of the output: its GGUF name, numpy shape (rows, row length), stored type, and
+    a function giving its float32 data in that shape."""
+    name: str
+    shape: tuple[int, ...]
+    ttype: GGMLQuantizationType
+    load: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        block, type_size = quants.GGML_QUANT_SIZES[self.ttype]
+        return int(np.prod(self.shape, dtype=np.int64)) // block * type_size
+
+
+def plan(name: str, shape: tuple[int, ...], outtype: str, load: Callable[[], np.ndarray]) -> PlannedTensor:
+    return PlannedTensor(name, tuple(shape), stored_type(tuple(shape), OUTTYPES[outtype]), load)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: metadata and tensors
+# ---------------------------------------------------------------------------------------------
+
+def model_metadata(hp: Hyperparams, outtype: str, name: str = "model") -> dict[str, Any]:
+    """general.*, the architecture's hyper-parameters and prosparse's activation keys."""
+    arch = hp.arch
+    meta: dict[str, Any] = {
+        K.KEY_NAME: name,
+        K.KEY_FILE_TYPE: int(FILE_TYPES[outtype]),
+        K.arch_key(arch, K.CONTEXT_LENGTH): hp.context_length,
+        K.arch_key(arch, K.EMBEDDING_LENGTH): hp.n_embd,
+        K.arch_key(arch, K.BLOCK_COUNT): hp.n_layer,
+        K.arch_key(arch, K.FEED_FORWARD_LENGTH): hp.n_ff,
+        K.arch_key(arch, K.HEAD_COUNT): hp.n_head,
+        K.arch_key(arch, K.HEAD_COUNT_KV): hp.n_head_kv,
+        K.arch_key(arch, K.KEY_LENGTH): hp.head_dim,
+        K.arch_key(arch, K.ROPE_DIMENSION_COUNT): hp.head_dim,
+        K.arch_key(arch, K.RMS_EPS): float(hp.rms_eps),
+        K.arch_key(arch, K.ROPE_FREQ_BASE): float(hp.rope_base),
+        K.arch_key(arch, K.VOCAB_SIZE): hp.n_vocab,
+    }
+    if arch == K.ARCH_MINICPM:
+        meta[K.arch_key(arch, K.EMBEDDING_SCALE)] = float(hp.embedding_scale)
+        meta[K.arch_key(arch, K.RESIDUAL_SCALE)] = float(hp.residual_scale)
+        meta[K.arch_key(arch, K.LOGIT_SCALE)] = float(hp.logit_scale)
+    meta[K.KEY_ACTIVATION] = hp.activation
+    if hp.activation == K.ACT_FATRELU:
+        meta[K.KEY_ACTIVATION_THRESHOLD] = float(hp.threshold or 0.0)
+    return meta
+
+
+def model_tensors(hp: Hyperparams, source: TensorSource, outtype: str, layout: str,
+                  where: str = "checkpoint") -> list[PlannedTensor]:
+    """The model's tensors in file order, checked against ``hp`` first (names and shapes, before
+    anything is written). Q/K rows are permuted for GGUF's RoPE; with the sparse layout the down
+    projection is stored transposed as ffn_down_t."""
+    check_tensors(hp, source, where)
+    shapes = {name: tuple(source.shape(name)) for name in source.names()}
+
+    def load(hf_name: str, transform: Callable[[np.ndarray], np.ndarray] | None = None):
+        def run() -> np.ndarray:
+            w = source.load(hf_name)
+            return transform(w) if transform else w
+        return run
+
+    out = [plan(K.TOKEN_EMBD, shapes[EMBED], outtype, load(EMBED))]
+    for i in range(hp.n_layer):
+        for hf_part, gguf_part in HF_LAYER_NAMES.items():
+            hf_name, shape, transform = layer_tensor(i, hf_part), shapes[layer_tensor(i, hf_part)], None
+            if gguf_part == K.ATTN_Q:
+                transform = lambda w: permute_for_rope(w, hp.n_head)        # noqa: E731
+            elif gguf_part == K.ATTN_K:
+                transform = lambda w: permute_for_rope(w, hp.n_head_kv)     # noqa: E731
+            elif gguf_part == K.FFN_DOWN and layout == LAYOUT_SPARSE:
+                gguf_part, shape, transform = K.FFN_DOWN_T, shape[::-1], np.transpose
+            out.append(plan(K.block_tensor(i, gguf_part), shape, outtype, load(hf_name, transform)))
+    out.append(plan(K.OUTPUT_NORM, shapes[NORM], outtype, load(NORM)))
+    if not hp.tied_embeddings:
+        out.append(plan(K.OUTPUT, shapes[LM_HEAD], outtype, load(LM_HEAD)))
+    return out
+
+
+def fell_back_to_f32(tensors: list[PlannedTensor], outtype: str) -> list[PlannedTensor]:
+    """Matrices that stay F32 because their rows do not fill whole blocks of ``outtype``."""
+    wanted = OUTTYPES[outtype]
+    return [t for t in tensors if len(t.shape) > 1 and t.ttype != wanted]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+def check_output(path: Path, force: bool) -> None:
+    """Refuses a directory, a missing parent directory, or an existing file without force."""
+    if path.is_dir():
+        raise OutputExistsError(f"{path}: is a directory; give the output file's path")
+    if not path.parent.is_dir():
+        raise OutputExistsError(f"{path.parent}: the output directory does not exist")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path}: already exists; pass --force to overwrite it")
+
+
+def write_gguf(path: str | os.PathLike, arch: str, metadata: Mapping[str, Any], tensors: list[PlannedTensor],
+               magic: bytes = K.GGUF_MAGIC, force: bool = False, progress: bool = False) -> Path:
+    """Writes the file: header and metadata, then each tensor loaded, encoded and written in
+    turn. ``magic`` replaces GGUF's (PowerInfer's ``PWRI``) before the file gets its name."""
+    path = Path(path)
+    check_output(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    writer = None
+    try:
+        writer = GGUFWriter(tmp, arch)
+        for key, value in metadata.items():
+            _add_value(writer, key, value)
+        if any(t.ttype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) for t in tensors):
+            writer.add_quantization_version(GGML_QUANT_VERSION)
+        for t in tensors:
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ttype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with _progress_bar(sum(t.nbytes for t in tensors), progress) as bar:
+            for t in tensors:
+                bar.set_postfix_str(t.name, refresh=False)
+                writer.write_tensor_data(encode(t.load(), t.ttype))
+                bar.update(t.nbytes)
+        writer.close()
+        with open(tmp, "r+b") as f:
+            if magic != K.GGUF_MAGIC:
+                f.write(magic)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _progress_bar(total_bytes: int, enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="writing", file=sys.stderr, dynamic_ncols=True)
+
+
+class _NoProgress:
+    """tqdm's interface, doing nothing (no tqdm needed when nobody watches)."""
+
+    def __enter__(self) -> "_NoProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def set_postfix_str(self, *args, **kwargs) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _add_value(writer: GGUFWriter, key: str, value: Any) -> None:
@@ -80,84 +283,22 @@ def _add_value(writer: GGUFWriter, key: str, value: Any) -> None:
 
 def write_llama_gguf(path: str | os.PathLike, config: Mapping[str, Any], state_dict: Mapping[str, Any],
                      outtype: str = "f32", activation: str = K.ACT_SILU, threshold: float | None = None,
-                     tokenizer_metadata: Mapping[str, Any] | None = None, name: str = "model") -> Path:
-    """Writes a llama GGUF from an HF LlamaForCausalLM ``config`` (dict) and ``state_dict``
-    (name → tensor/array). The gate activation and FATReLU threshold go into prosparse's
-    keys; ``tokenizer_metadata`` (tokenizer.* keys, e.g. from another GGUF) is copied."""
+                     tokenizer_metadata: Mapping[str, Any] | None = None, name: str = "model",
+                     layout: str = LAYOUT_DENSE) -> Path:
+    """Writes a GGUF from an HF LlamaForCausalLM (or MiniCPM) ``config`` (dict) and ``state_dict``
+    (name → tensor/array), overwriting ``path``. The gate activation and FATReLU threshold given
+    here go into prosparse's keys (config.json's own are ignored); ``tokenizer_metadata``
+    (tokenizer.* keys, e.g. from another GGUF) is copied."""
     if outtype not in OUTTYPES:
         raise ValueError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     if activation not in K.ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(K.ACTIVATIONS)}")
-    ttype = OUTTYPES[outtype]
-    arch = K.ARCH_LLAMA
-    n_head = config["num_attention_heads"]
-    n_head_kv = config.get("num_key_value_heads") or n_head
-    n_embd = config["hidden_size"]
-    head_dim = config.get("head_dim") or n_embd // n_head
-    weights = {k: _to_numpy(v) for k, v in state_dict.items()}
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer = GGUFWriter(tmp, arch)
-        writer.add_string(K.KEY_NAME, name)
-        hp = {
-            K.CONTEXT_LENGTH: config.get("max_position_embeddings", 4096),
-            K.EMBEDDING_LENGTH: n_embd,
-            K.BLOCK_COUNT: config["num_hidden_layers"],
-            K.FEED_FORWARD_LENGTH: config["intermediate_size"],
-            K.HEAD_COUNT: n_head,
-            K.HEAD_COUNT_KV: n_head_kv,
-            K.KEY_LENGTH: head_dim,
-            K.ROPE_DIMENSION_COUNT: head_dim,
-            K.RMS_EPS: float(config.get("rms_norm_eps", 1e-6)),
-            K.ROPE_FREQ_BASE: float(_rope_theta(config)),
-            K.VOCAB_SIZE: config["vocab_size"],
-        }
-        for key, value in hp.items():
-            _add_value(writer, K.arch_key(arch, key), value)
-        writer.add_string(K.KEY_ACTIVATION, activation)
-        if threshold is not None:
-            writer.add_float32(K.KEY_ACTIVATION_THRESHOLD, float(threshold))
-        for key, value in (tokenizer_metadata or {}).items():
-            _add_value(writer, key, value)
-
-        def add(gguf_name: str, w: np.ndarray) -> None:
-            data, t = encode_tensor(w, ttype)
-            writer.add_tensor(gguf_name, data, raw_dtype=t)
-
-        add(K.TOKEN_EMBD, weights["model.embed_tokens.weight"])
-        for i in range(config["num_hidden_layers"]):
-            for hf_name, gguf_name in HF_LAYER_NAMES.items():
-                w = weights[f"model.layers.{i}.{hf_name}.weight"]
-                if gguf_name == K.ATTN_Q:
-                    w = permute_for_rope(w, n_head)
-                elif gguf_name == K.ATTN_K:
-                    w = permute_for_rope(w, n_head_kv)
-                add(K.block_tensor(i, gguf_name), w)
-        add(K.OUTPUT_NORM, weights["model.norm.weight"])
-        if "lm_head.weight" in weights and not config.get("tie_word_embeddings", False):
-            add(K.OUTPUT, weights["lm_head.weight"])
-
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _rope_theta(config: Mapping[str, Any]) -> float:
-    """transformers 5 keeps rope_theta inside rope_parameters; older configs at the top."""
-    params = config.get("rope_parameters") or {}
-    return params.get("rope_theta", config.get("rope_theta", 10000.0))
-
-
-def _to_numpy(t: Any) -> np.ndarray:
-    if isinstance(t, np.ndarray):
-        return t
-    return t.detach().to(dtype=__import__("torch").float32).cpu().numpy()
+    config = {k: v for k, v in config.items() if k not in ("hidden_act", "hidden_act_param")}
+    hp = dataclasses.replace(hyperparams(config), activation=activation,
+                             threshold=threshold if activation == K.ACT_FATRELU else None)
+    meta = model_metadata(hp, outtype, name)
+    if activation == K.ACT_FATRELU and threshold is None:
+        del meta[K.KEY_ACTIVATION_THRESHOLD]
+    meta.update(tokenizer_metadata or {})
+    tensors = model_tensors(hp, DictTensors(state_dict), outtype, layout, where="state dict")
+    return write_gguf(path, hp.arch, meta, tensors, force=True)
