@@ -165,8 +165,8 @@ def read_spec(gf: GGUFFile) -> ModelSpec:
 
 
 def _predictor_thresholds(gf: GGUFFile, n_layer: int, powerinfer: bool) -> list[float]:
-    if powerinfer:
-        return [_get(gf, K.KEY_POWERINFER_SPARSE_THRESHOLD, float, default=0.0)] * n_layer
+    """Per-layer thresholds when the file has them (prosparse writes them into PowerInfer-format
+    files too); else the one threshold, PowerInfer's key in PWRI files."""
     per_layer = gf.metadata.get(K.KEY_PREDICTOR_LAYER_THRESHOLDS)
     if per_layer is not None:
         values = np.asarray(per_layer, dtype=np.float64).ravel() if not isinstance(per_layer, str) else None
@@ -174,7 +174,8 @@ def _predictor_thresholds(gf: GGUFFile, n_layer: int, powerinfer: bool) -> list[
             raise GGUFError(f"{gf.path}: {K.KEY_PREDICTOR_LAYER_THRESHOLDS} must hold one number per layer "
                             f"({n_layer})")
         return [float(v) for v in values]
-    return [_get(gf, K.KEY_PREDICTOR_THRESHOLD, float, default=0.0)] * n_layer
+    key = K.KEY_POWERINFER_SPARSE_THRESHOLD if powerinfer else K.KEY_PREDICTOR_THRESHOLD
+    return [_get(gf, key, float, default=0.0)] * n_layer
 
 
 def transpose_down(gf: GGUFFile, t: TensorInfo) -> np.ndarray:
