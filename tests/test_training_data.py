@@ -25,7 +25,7 @@ def test_documents_from_folders_and_jsonl(tmp_path):
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "third"}) + "\n\n" + json.dumps({"text": "fourth"}) + "\n")
     docs = list(iter_documents([str(tmp_path / "a"), str(tmp_path / "c.jsonl")], [".txt", ".html", ".jsonl"]))
     assert [t for _, t in docs] == ["first document", "second", "third", "fourth"]
-    assert docs[2][0].endswith("c.jsonl:1") and docs[3][0].endswith("c.jsonl:3")
+    assert [i for i, _ in docs] == ["a/one.txt", "a/two.html", "c.jsonl:1", "c.jsonl:3"]
 
 
 def test_token_cache_split_by_document_and_reused(tmp_path):
@@ -71,3 +71,39 @@ def test_prose_filter_and_translations():
     assert is_translation(Path("Documentation/translations/it_IT/a.rst"))
     assert not is_translation(Path("usr/share/doc/handbook/html/en-US/a.html"))
     assert not is_translation(Path("Documentation/fs/ext4.rst"))
+    assert not is_translation(Path("usr/share/doc/git-doc/git-log.html"))
+    assert is_translation(Path("doc/zh_Hans/index.html")) and is_translation(Path("doc/pt-br/index.html"))
+
+
+def test_prepare_corpus_from_a_local_deb(tmp_path):
+    """dpkg-deb -x, prose extraction, the English filter and the manifest, offline: a .deb
+    already in the download folder is used as is (apt-get download is not run)."""
+    import shutil
+    import subprocess
+
+    import pytest
+    if not shutil.which("dpkg-deb"):
+        pytest.skip("dpkg-deb is not installed")
+    from prosparse.training.corpus import prepare_corpus
+    root = tmp_path / "pkg"
+    doc = root / "usr" / "share" / "doc" / "demo-doc"
+    (doc / "html" / "_sources").mkdir(parents=True)
+    (doc / "de-DE").mkdir()
+    (root / "DEBIAN").mkdir()
+    (root / "DEBIAN" / "control").write_text("Package: demo-doc\nVersion: 1:1.0-1\nArchitecture: all\n"
+                                             "Maintainer: t <t@example.org>\nDescription: demo\n")
+    prose = "The kernel is a program that runs the machine, and this is how it works for you. " * 10
+    (doc / "guide.txt").write_text(prose)
+    (doc / "html" / "_sources" / "intro.rst.txt").write_text(prose.replace("kernel", "scheduler"))
+    (doc / "html" / "intro.html").write_text(f"<p>{prose}</p>")  # skipped: its Sphinx source is taken
+    (doc / "de-DE" / "guide.txt").write_text(prose.replace("machine", "Maschine"))  # a translation
+    (doc / "table.txt").write_text("0x10 0x20 foo_bar(baz) qux = 1; " * 40)  # not prose
+    work = tmp_path / "work"
+    (work / "debs").mkdir(parents=True)
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(root),
+                    str(work / "debs" / "demo-doc_1%3a1.0-1_all.deb")], check=True, capture_output=True)
+    manifest = prepare_corpus(["demo-doc"], tmp_path / "corpus", work, log=lambda *a: None)
+    entry = manifest["packages"]["demo-doc"]
+    assert (entry["version"], entry["documents"], entry["dropped_not_prose"]) == ("1:1.0-1", 2, 1)
+    kept = sorted(p.name for p in (tmp_path / "corpus" / "demo-doc").rglob("*.txt"))
+    assert kept == ["guide.txt", "intro.rst.txt"]

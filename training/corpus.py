@@ -41,7 +41,8 @@ also but been should its into than then only such so would each must any we how 
 your most do does were them our about after before where while between through both same""".split())
 
 
-LOCALE_DIR = re.compile(r"^[a-z]{2,3}[-_][A-Za-z]{2,4}$")
+# de-DE, zh_CN, zh_Hans, pt-br — not git-doc or gtk-3
+LOCALE_DIR = re.compile(r"^[a-z]{2}[-_]([A-Z]{2}|[A-Z][a-z]{3}|[a-z]{2})$")
 
 
 def is_translation(rel: Path) -> bool:
@@ -127,7 +128,8 @@ def prepare_corpus(packages: list[str], corpus_dir: str | Path, work_dir: str | 
             if not is_prose(text):
                 dropped += 1
                 continue
-            target = tmp / (str(rel).removesuffix(".gz") + ".txt")
+            name = str(rel).removesuffix(".gz")
+            target = tmp / (name if name.endswith(".txt") else name + ".txt")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text + "\n")
             kept += 1

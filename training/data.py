@@ -84,16 +84,20 @@ def read_text_file(path: Path) -> str:
     return html_to_text(text) if path.suffix in HTML_SUFFIXES else text
 
 
-def list_files(sources: list[str], extensions: list[str]) -> list[Path]:
-    """The files of ``sources`` (files as given; folders searched recursively), sorted per folder."""
+def list_files(sources: list[str], extensions: list[str]) -> list[tuple[Path, str]]:
+    """(path, document id) of the files of ``sources``: files as given, folders searched
+    recursively in sorted order. The id is the path from the source's own name down
+    (``debian-docs/linux-doc-6.1/…``), so the held-out split does not depend on where the
+    corpus lies."""
     files = []
     for source in sources:
         path = Path(source).expanduser()
         if path.is_file():
-            files.append(path)
+            files.append((path, path.name))
         elif path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file()
-                                and any(p.name.endswith(ext) or p.name.endswith(ext + ".gz") for ext in extensions)))
+            files.extend((p, f"{path.name}/{p.relative_to(path)}") for p in sorted(path.rglob("*"))
+                         if p.is_file() and any(p.name.endswith(ext) or p.name.endswith(ext + ".gz")
+                                                for ext in extensions))
         else:
             raise FileNotFoundError(f"data source {path}: no such file or folder "
                                     f"(for the bundled corpus run `prosparse-train prepare-data`)")
@@ -102,7 +106,7 @@ def list_files(sources: list[str], extensions: list[str]) -> list[Path]:
 
 def iter_documents(sources: list[str], extensions: list[str], jsonl_field: str = "text") -> Iterator[tuple[str, str]]:
     """(document id, text) for every document of the sources."""
-    for path in list_files(sources, extensions):
+    for path, doc_id in list_files(sources, extensions):
         if path.name.endswith(".jsonl"):
             with open(path, encoding="utf-8") as f:
                 for line_no, line in enumerate(f, 1):
@@ -111,9 +115,9 @@ def iter_documents(sources: list[str], extensions: list[str], jsonl_field: str =
                     record = json.loads(line)
                     if jsonl_field not in record:
                         raise KeyError(f"{path}:{line_no}: no field {jsonl_field!r} (data.jsonl_field)")
-                    yield f"{path}:{line_no}", record[jsonl_field]
+                    yield f"{doc_id}:{line_no}", record[jsonl_field]
         else:
-            yield str(path), read_text_file(path)
+            yield doc_id, read_text_file(path)
 
 
 def is_heldout(doc_id: str, fraction: float, seed: int = 0) -> bool:
@@ -132,7 +136,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_key(files: list[Path], tokenizer, heldout_fraction: float, seed: int, jsonl_field: str) -> str:
     h = hashlib.sha1()
-    for f in files:
+    for f, _ in files:
         st = f.stat()
         h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     h.update(f"{tokenizer_fingerprint(tokenizer)}:{heldout_fraction}:{seed}:{jsonl_field}".encode())
