@@ -57,3 +57,23 @@ def test_relu_export_has_no_threshold(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["hidden_act"] == "relu" and "hidden_act_param" not in config
     assert gate_activation(load_model(out)[0]) == ("relu", 0.0)
+
+
+def test_export_converts_to_gguf_with_the_threshold(tmp_path):
+    """training → HF checkpoint → prosparse-convert: the GGUF says fatrelu with the threshold."""
+    from gguf import GGUFReader
+
+    from prosparse import constants as K
+    from prosparse.convert import convert_checkpoint
+    model, tokenizer = load_model(make_tiny_model_dir(tmp_path / "base"))
+    set_gate_activation(model, "fatrelu", 0.03)
+    out = export_hf(model, tokenizer, tmp_path / "export", "fatrelu", 0.03)
+    result = convert_checkpoint(out, tmp_path / "tiny.gguf", outtype="f32", tokenizer=False)
+    fields = GGUFReader(result.path).fields
+
+    def value(key):
+        field = fields[key]
+        return field.contents() if hasattr(field, "contents") else field.parts[field.data[0]]
+
+    assert str(value(K.KEY_ACTIVATION)) == K.ACT_FATRELU
+    assert abs(float(value(K.KEY_ACTIVATION_THRESHOLD)) - 0.03) < 1e-7

@@ -43,6 +43,7 @@ def params(checkpoint: Path) -> dict:
 def test_api_run_with_distillation_then_eval_sweep_plot(tiny, capsys):
     tmp, model_dir, corpus = tiny
     recipe = tiny_recipe(tmp, model_dir, corpus, distill={"weight": 0.5},
+                         model={"path": str(model_dir), "gradient_checkpointing": True, "freeze_embeddings": True},
                          run={"out_dir": str(tmp / "api-run"), "export_at": [2]},
                          sparsity={"threshold": 0.01, "l1": "contribution"})
     run_dir = train(load_recipe(str(write_recipe(tmp / "api.json", recipe))))
@@ -57,6 +58,10 @@ def test_api_run_with_distillation_then_eval_sweep_plot(tiny, capsys):
     config = json.loads((run_dir / "final" / "config.json").read_text())
     assert config["hidden_act"] == "relu" and config["hidden_act_param"] == 0.01
     assert (run_dir / "export-step-2" / "model.safetensors").is_file()
+    from safetensors.torch import load_file
+    base, trained = load_file(model_dir / "model.safetensors"), load_file(run_dir / "final" / "model.safetensors")
+    assert torch.equal(base["model.embed_tokens.weight"], trained["model.embed_tokens.weight"])  # frozen
+    assert not torch.equal(base["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"])
     final = json.loads((run_dir / "final_eval.json").read_text())
     assert [r["threshold"] for r in final] == [0.0, 0.01]
     assert final[1]["sparsity"] >= final[0]["sparsity"]
