@@ -142,6 +142,9 @@ def prepare_corpus(packages: list[str], corpus_dir: str | Path, work_dir: str | 
                                          "dropped_not_prose": dropped, "duplicates": duplicates, "chars": chars}
         corpus_dir.mkdir(parents=True, exist_ok=True)
         manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+        if not kept:
+            log(f"WARNING: {package} {version}: no English prose found (its files: {root}); "
+                f"drop it from data.debian_packages")
         log(f"{package} {version}: {kept} documents, {chars / 1e6:.1f} M characters "
             f"({dropped} not English prose, {duplicates} duplicates dropped)")
     total = sum(p["chars"] for p in manifest["packages"].values())

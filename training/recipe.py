@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,10 +172,16 @@ def read_recipe_file(path: Path) -> dict:
         if path.suffix == ".json":
             data = json.loads(text)
         elif path.suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                raise RecipeError(f"recipe {path}: TOML recipes need Python 3.11+; use YAML or JSON") from None
             data = tomllib.loads(text)
         else:
             data = yaml.safe_load(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+    except RecipeError:
+        raise
+    except (json.JSONDecodeError, yaml.YAMLError, ValueError) as e:  # TOMLDecodeError is a ValueError
         raise RecipeError(f"recipe {path}: not valid {path.suffix.lstrip('.').upper()}: {e}") from None
     if data is None:
         data = {}
