@@ -163,7 +163,7 @@ def _train(recipe: Recipe, resume: bool, device: torch.device) -> Path:
 
     from tqdm import tqdm
     progress = tqdm(total=last_step, initial=start_step, disable=not (recipe.run.progress_bar and dist.is_main()),
-                    dynamic_ncols=True, desc=recipe.name)
+                    dynamic_ncols=True, mininterval=2.0, desc=recipe.name)
 
     # --- the loop ---
     for step in range(start_step + 1, last_step + 1):
@@ -221,12 +221,12 @@ def _train(recipe: Recipe, resume: bool, device: torch.device) -> Path:
         # --- evaluation, checkpoints, exports ---
         if step % recipe.run.eval_every == 0 or step == t.steps:
             evaluate_and_log(step)
+        if step in recipe.run.export_at:  # before the checkpoint: a kill between them repeats it
+            export(model, tokenizer, run_dir / f"export-step-{step}", recipe, step, final=False)
         if step % recipe.run.save_every == 0 or step == last_step:
             save_checkpoint(run_dir, step, model, optimizer, recipe.to_dict(),
                             {"global_batch": global_batch, "seq_len": data.seq_len,
                              "data_position": step * global_batch}, keep=recipe.run.keep_checkpoints)
-        if step in recipe.run.export_at:
-            export(model, tokenizer, run_dir / f"export-step-{step}", recipe, step, final=False)
     progress.close()
 
     if last_step == t.steps:
