@@ -15,7 +15,8 @@ No model hub and no root install: ``apt-get download PACKAGE`` (into a cache fol
   dropped.
 
 Each kept document becomes ``corpus_dir/PACKAGE/<path>.txt``; ``corpus_dir/MANIFEST.json``
-records every package's exact version, file count and characters.
+records every package's exact version, file count and characters. The .deb files stay in
+``~/.cache/prosparse/debian/debs``; the unpacked trees are removed once read.
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ def prepare_corpus(packages: list[str], corpus_dir: str | Path, work_dir: str | 
         shutil.rmtree(out, ignore_errors=True)
         if kept:
             os.replace(tmp, out)
+        shutil.rmtree(root)  # the unpacked tree (GBs for some packages); the .deb stays
         version = urllib.parse.unquote(deb.stem.split("_")[1])  # "3%3a3.2" is epoch 3: 3:3.2
         manifest["packages"][package] = {"deb": deb.name, "version": version, "documents": kept,
                                          "dropped_not_prose": dropped, "duplicates": duplicates, "chars": chars}
