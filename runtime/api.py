@@ -225,11 +225,16 @@ class Runtime:
         return self._require_tokenizer().apply_chat_template(messages, add_generation_prompt)
 
     # --- evaluation ----------------------------------------------------------------------
-    def evaluate(self, tokens: Sequence[int]) -> np.ndarray:
-        """Logits (len(tokens), n_vocab) for every position of tokens, evaluated from position 0."""
+    def evaluate(self, tokens: Sequence[int], sequential: bool = False) -> np.ndarray:
+        """Logits (len(tokens), n_vocab) for every position of tokens, evaluated from position 0.
+        Batched by default (prompt batches always run the dense FFN); ``sequential=True`` feeds
+        one token at a time through the decode path, so the sparse mode applies (slower)."""
         tokens = self._check_prompt(tokens)
         self._cached = []
-        logits = self._model.eval(tokens, 0, all_logits=True)
+        if sequential:
+            logits = np.stack([self._model.eval([t], i) for i, t in enumerate(tokens)])
+        else:
+            logits = self._model.eval(tokens, 0, all_logits=True)
         self._cached = list(tokens)
         return logits
 
