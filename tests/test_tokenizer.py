@@ -93,16 +93,9 @@ def smol(smol_gguf) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def smol_hf(smol_gguf):
-    from tokenizers import pre_tokenizers
-    from transformers import AutoTokenizer
-
-    hf = AutoTokenizer.from_pretrained(smol_gguf.parent, gguf_file=smol_gguf.name)
-    # transformers' GGUF loader ignores tokenizer.ggml.pre = "smollm" and splits like GPT-2; the
-    # model's own tokenizer.json cuts digits apart first. Restore that, the tokenizer it was trained with.
-    hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    return hf
+    # transformers' GGUF loader ignores tokenizer.ggml.pre = "smollm"; load_tokenizer restores it
+    from prosparse.training.model_io import load_tokenizer
+    return load_tokenizer(smol_gguf)
 
 
 @pytest.mark.smollm2

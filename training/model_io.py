@@ -58,8 +58,25 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
     path = Path(default_model_path() if str(path) == "default" else path).expanduser()
     if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return _with_gguf_pre_tokenizer(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), path)
     return AutoTokenizer.from_pretrained(path)
+
+
+def _with_gguf_pre_tokenizer(tokenizer, path: Path):
+    """transformers' GGUF loader ignores ``tokenizer.ggml.pre`` and splits like GPT-2. For
+    ``smollm`` (SmolLM2, the default model) restore the model's own split, digits apart first,
+    so that training tokenises as the model was trained and exports the right tokenizer.json."""
+    from tokenizers import pre_tokenizers
+
+    from prosparse.constants import KEY_TOKENIZER_PRE
+    from prosparse.gguf_file import GGUFFile
+    with GGUFFile(path) as gf:
+        pre = gf.metadata.get(KEY_TOKENIZER_PRE)
+    if pre == "smollm":
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    return tokenizer
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
