@@ -238,8 +238,9 @@ def _merge_symbols(symbols: list[str], priority) -> list[str]:
     return [s for s in symbols if s]
 
 
-def _parse_merges(merges: list[str], vocab: dict[str, int], source: str) -> dict[tuple[str, str], int]:
-    """``"left right"`` strings -> rank of the pair. Both halves and their join must be tokens."""
+def _parse_merges(merges: list[str], vocab: dict[str, int], source: str) -> dict[str, int]:
+    """``"left right"`` strings -> rank of the pair. Both halves and their join must be tokens.
+    Keyed by the file's own strings (no copies: the largest table of a loaded model)."""
     ranks = {}
     for rank, merge in enumerate(merges):
         cut = merge.find(" ", 1)  # from 1: llama.cpp allows a left half that is a space
@@ -249,7 +250,7 @@ def _parse_merges(merges: list[str], vocab: dict[str, int], source: str) -> dict
                 f"{source}: {KEY_MERGES}[{rank}] = {merge!r} is not two tokens of "
                 f"{KEY_TOKENS} whose join is a token too; the vocabulary and merges do not belong "
                 "together: re-convert the model")
-        ranks[(left, right)] = rank
+        ranks[merge] = rank
     return ranks
 
 
@@ -275,7 +276,8 @@ class _ByteLevelBPE:
         spelled = _spell_bytes(word)
         if self._ignore_merges and spelled in vocab:
             return (vocab[spelled],)
-        symbols = _merge_symbols(list(spelled), lambda a, b: self._ranks.get((a, b)))
+        ranks = self._ranks
+        symbols = _merge_symbols(list(spelled), lambda a, b: ranks.get(f"{a} {b}"))
         # Merged symbols are tokens (checked with the merges); a byte the vocabulary lacks is
         # dropped, as llama.cpp and HF do (only bytes UTF-8 never produces are ever missing).
         return tuple(vocab[s] for s in symbols if s in vocab)
