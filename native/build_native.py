@@ -12,7 +12,7 @@ from cffi import FFI
 
 NATIVE_DIR = Path(__file__).resolve().parent
 HEADERS = ["kernels.h", "prosparse.h"]
-SOURCES = ["kernels.c", "threadpool.c", "model.c"]
+SOURCES = ["kernels.c", "threadpool.c", "model.c", "membw.c"]
 
 
 def _cdef_text(header: Path) -> str:

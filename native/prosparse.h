@@ -112,4 +112,15 @@ void ps_model_get_stats(const ps_model *m, ps_layer_stats *out);
 int32_t ps_model_n_ctx(const ps_model *m);
 int32_t ps_model_n_threads(const ps_model *m);
 
+/* Memory-read bandwidth (native/membw.c; prosparse-bench reports decode as a share of it).
+ * ps_read_bandwidth: n_threads threads each sum a slice of buf with the widest SIMD loads;
+ * returns bytes/second of the best of `repeats` timed passes (after one untimed pass), or -1
+ * on a bad argument or a thread that cannot start. buf should be far larger than the caches.
+ * ps_read_sum: the wrapping sum of buf's 64-bit little-endian words (a zero-padded tail), by
+ * the loop of one instruction set (PS_ISA_*, -1 = best); 0 if that isa is unavailable. The
+ * same in every isa: tests use it to check that the timed loops read every byte. */
+#include <stddef.h>
+double   ps_read_bandwidth(const void *buf, size_t bytes, int32_t n_threads, int32_t repeats);
+uint64_t ps_read_sum(const void *buf, size_t bytes, int32_t isa);
+
 #endif
