@@ -2,10 +2,13 @@
 
 The public headers are the cdef: what C exports is declared exactly once.
 ``PROSPARSE_SANITIZE=address`` builds with AddressSanitizer (see README, "Testing").
+``python native/build_native.py DIR`` builds a separate copy into DIR/prosparse/ (tests/asan.sh
+uses it, so the installed extension is never replaced while something may be using it).
 """
 
 import os
 import re
+import sys
 from pathlib import Path
 
 from cffi import FFI
@@ -35,17 +38,24 @@ def _compile_args() -> tuple[list[str], list[str]]:
     return compile_args, link_args
 
 
-ffibuilder = FFI()
-ffibuilder.cdef("\n".join(_cdef_text(NATIVE_DIR / h) for h in HEADERS))
-_compile, _link = _compile_args()
-ffibuilder.set_source(
-    "prosparse._native",
-    "\n".join(f'#include "{h}"' for h in HEADERS),
-    sources=[os.path.relpath(NATIVE_DIR / s) for s in SOURCES],
-    include_dirs=[os.path.relpath(NATIVE_DIR)],
-    extra_compile_args=_compile,
-    extra_link_args=_link,
-)
+def make_builder(path=os.path.relpath) -> FFI:
+    """The extension's builder; sources named through ``path`` (setuptools wants them relative
+    to the project root, a build in another directory needs them absolute)."""
+    compile_args, link_args = _compile_args()
+    builder = FFI()
+    builder.cdef("\n".join(_cdef_text(NATIVE_DIR / h) for h in HEADERS))
+    builder.set_source(
+        "prosparse._native",
+        "\n".join(f'#include "{h}"' for h in HEADERS),
+        sources=[path(NATIVE_DIR / s) for s in SOURCES],
+        include_dirs=[path(NATIVE_DIR)],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+    )
+    return builder
+
+
+ffibuilder = make_builder()
 
 if __name__ == "__main__":
-    ffibuilder.compile(verbose=True)
+    make_builder(path=os.path.abspath).compile(tmpdir=sys.argv[1] if len(sys.argv) > 1 else ".")

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Rebuilds the C extension with AddressSanitizer, runs the tests that exercise native code,
-# then restores the normal build. Run from the repository root inside the project's venv.
+# Runs the tests that exercise native code against a copy of the C extension built with
+# AddressSanitizer in a temporary directory (the installed extension is left alone; conftest.py
+# puts $PROSPARSE_NATIVE_DIR first on prosparse's path). Run from the repository root, in the venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-restore() { python setup.py -q build_ext --inplace --force >/dev/null 2>&1; }
-trap restore EXIT
-
-PROSPARSE_SANITIZE=address python setup.py -q build_ext --inplace --force >/dev/null
+build="$(mktemp -d)"
+trap 'rm -rf "$build"' EXIT
+PROSPARSE_SANITIZE=address python native/build_native.py "$build" >/dev/null
+PROSPARSE_NATIVE_DIR="$build/prosparse" \
 LD_PRELOAD="$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-    python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_forward.py tests/test_sparse.py tests/test_gguf_errors.py "$@"
+    python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_forward.py tests/test_sparse.py \
+    tests/test_gguf_errors.py tests/test_perplexity.py tests/test_bench.py "$@"

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
-from prosparse import constants as K
+import prosparse
+
+# tests/asan.sh: load the AddressSanitizer build of the C extension from its own directory
+if os.environ.get("PROSPARSE_NATIVE_DIR"):
+    prosparse.__path__.insert(0, os.environ["PROSPARSE_NATIVE_DIR"])
 
 
 def pytest_configure(config):
