@@ -90,6 +90,10 @@ def add_predictor_commands(sub) -> None:
     p.add_argument("--tokenizer", help="HF dir (or .gguf) whose tokenizer made the corpus tokens (default: GGUF)")
     p.add_argument("--sequences", type=int, default=16, help="held-out sequences (default 16; 0: all)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the recipe's)")
+    p.add_argument("--predictors", type=Path, help="the predictor folder the GGUF was made from (its report.json)")
+    p.add_argument("--target-recalls", default=None, metavar="R[,R...]",
+                   help="also run predictor mode with the report's thresholds for these recall targets "
+                        "(of 0.9, 0.95, 0.97, 0.98, 0.99; needs --predictors)")
     p.add_argument("--bench", action="store_true", help="also measure decode speed per mode (prosparse-bench)")
     p.add_argument("--json", type=Path, help="write the results here")
     recipe_args(p)
@@ -103,6 +107,8 @@ def add_predictor_commands(sub) -> None:
                         "i.e. the recipe's sparsity.threshold)")
     p.add_argument("--outtype", choices=PREDICTOR_TYPES, default="q8_0", help="GGUF weight type (default q8_0)")
     p.add_argument("--eval-sequences", type=int, default=16, help="held-out sequences for predictor-eval")
+    p.add_argument("--eval-recalls", default="0.97,0.99", metavar="R[,R...]",
+                   help="predictor-eval also runs these recall targets' thresholds (default 0.97,0.99; '' for none)")
     p.add_argument("--no-bench", action="store_true", help="skip the decode-speed measurement")
     p.add_argument("--dry-run", action="store_true", help="print the steps and their state; run nothing")
     predictor_args(p)
@@ -156,9 +162,20 @@ def cmd_predictors(args) -> int:
 
 
 def cmd_predictor_eval(args) -> int:
+    from .checkpoint import TrainingError
     from .model_io import load_tokenizer
     from .predictor_eval import compare_modes, markdown, run_bench
+    from .predictors import read_report
     recipe = _recipe(args)
+    points = {}
+    if args.target_recalls:
+        report = read_report(args.predictors) if args.predictors else None
+        if report is None:
+            raise TrainingError("--target-recalls needs --predictors DIR holding the report.json of training")
+        try:
+            points = {f"recall {r}": report.thresholds_for(float(r)) for r in args.target_recalls.split(",")}
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
     if args.seq_len:
         recipe.data.seq_len = args.seq_len
     tokenizer = load_tokenizer(args.tokenizer or args.gguf)
@@ -166,7 +183,7 @@ def cmd_predictor_eval(args) -> int:
     sequences = heldout[1::2]
     if args.sequences:
         sequences = sequences[: args.sequences]
-    result = compare_modes(args.gguf, sequences, args.threads or recipe.train.threads or None)
+    result = compare_modes(args.gguf, sequences, args.threads or recipe.train.threads or None, points)
     bench = run_bench(args.gguf, threads=args.threads or recipe.train.threads or None) if args.bench else None
     result["bench"] = bench
     print(markdown(result, bench))
@@ -180,7 +197,7 @@ def cmd_predictor_eval(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    """Each step runs as the command it logs; a step whose output exists is skipped."""
+    """Each step runs as the command it logs (see IN_PROCESS); a step whose output exists is skipped."""
     from .checkpoint import latest_checkpoint
     from .predictors import is_complete
     recipe = _recipe(args)
@@ -233,6 +250,7 @@ def cmd_pipeline(args) -> int:
     eval_json = run_dir / "predictor_eval.json"
     log.step("evaluate", eval_json, own_cli + ["predictor-eval", str(gguf), "--tokenizer", str(model_dir),
                                                "--sequences", str(args.eval_sequences), "--json", str(eval_json)]
+             + (["--predictors", str(pred_dir), "--target-recalls", args.eval_recalls] if args.eval_recalls else [])
              + recipe_flags + threads + ([] if args.no_bench else ["--bench"]))
     log.note(f"ready: prosparse-run -m {gguf} --sparse predictor -p 'The capital of France is'  "
              f"(report: {pred_dir / 'REPORT.md'}, evaluation: {eval_json})")
@@ -266,12 +284,27 @@ class PipelineLog:
         if self.dry_run:
             return
         started = time.perf_counter()
-        rc = subprocess.run(command).returncode
+        rc = _run(command)
         if rc != 0:
             self.note(f"{name}: failed with status {rc}")
             raise TrainingError(f"pipeline step {name!r} failed (status {rc}); fix it and run the pipeline "
                                 f"again: finished steps are skipped")
         self.note(f"{name}: done in {time.perf_counter() - started:.0f} s")
+
+
+# Steps that are our own short CLIs run in this process (as the command line logged, parsed by
+# the same main); training and the threshold sweep run in a child process.
+IN_PROCESS = ("prosparse.training.predictor_cli", "prosparse.convert.cli")
+
+
+def _run(command: list[str]) -> int:
+    if command[:2] == [sys.executable, "-m"] and command[2] in IN_PROCESS:
+        import importlib
+        try:
+            return importlib.import_module(command[2]).main(command[3:])
+        except SystemExit as e:              # argparse errors
+            return e.code if isinstance(e.code, int) else 1
+    return subprocess.run(command).returncode
 
 
 # --- shared -----------------------------------------------------------------------------------

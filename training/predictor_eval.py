@@ -56,17 +56,17 @@ class DecodeEval:
 
 
 def decode_perplexity(gguf_path: str | Path, sequences: np.ndarray, mode: str, threads: int | None = None,
-                      stats: bool = False, predictor_threshold: float | None = None) -> DecodeEval:
+                      stats: bool = False, predictor_thresholds: list[float] | None = None) -> DecodeEval:
     """Perplexity of ``sequences`` [n, seq_len] (each scored from its first token) in ``mode``,
     with the runtime's per-layer statistics when ``stats`` (they cost the exact gate in predictor
-    mode, not the outputs)."""
+    mode, not the outputs). ``predictor_thresholds``: per-layer thresholds instead of the file's."""
     from prosparse import Runtime
     sequences = np.asarray(sequences)
     nll_sum, count = 0.0, 0
     started = time.perf_counter()
     with Runtime(gguf_path, n_ctx=sequences.shape[1], threads=threads, sparse=mode, sparse_stats=stats) as rt:
-        if predictor_threshold is not None:
-            rt.set_predictor_threshold(predictor_threshold)
+        for layer, threshold in enumerate(predictor_thresholds or []):
+            rt.set_predictor_threshold(threshold, layer)
         for seq in sequences:
             seq = [int(t) for t in seq]
             for logits, target in zip(decode_logits_one_token_at_a_time(rt, seq[:-1]), seq[1:]):
@@ -86,19 +86,23 @@ def decode_perplexity(gguf_path: str | Path, sequences: np.ndarray, mode: str, t
 
 
 def compare_modes(gguf_path: str | Path, sequences: np.ndarray, threads: int | None = None,
-                  log=print) -> dict:
+                  operating_points: dict[str, list[float]] | None = None, log=print) -> dict:
     """Exact vs predictor mode on the same held-out sequences: perplexities, their ratio, and the
-    runtime's recall / predicted sparsity (a second, statistics-on pass over the same text)."""
+    runtime's recall / predicted sparsity (statistics on: they change no output). The file's
+    thresholds are point "file"; ``operating_points`` adds others (label → per-layer thresholds)."""
     exact = decode_perplexity(gguf_path, sequences, "exact", threads)
     log(f"exact mode:     perplexity {exact.perplexity:.4f} ({exact.tokens:,} tokens, {exact.seconds:.0f} s)")
-    predictor = decode_perplexity(gguf_path, sequences, "predictor", threads, stats=True)
-    log(f"predictor mode: perplexity {predictor.perplexity:.4f}, recall {predictor.recall:.2%}, "
-        f"predicted sparsity {predictor.predicted_sparsity:.2%} (true {predictor.sparsity:.2%}), "
-        f"{predictor.seconds:.0f} s with statistics")
-    ratio = predictor.perplexity / exact.perplexity
-    log(f"predictor / exact perplexity: {ratio:.4f} ({(ratio - 1):+.2%})")
+    points = {"file": None, **(operating_points or {})}
+    results = {}
+    for label, thresholds in points.items():
+        p = decode_perplexity(gguf_path, sequences, "predictor", threads, stats=True, predictor_thresholds=thresholds)
+        results[label] = {**asdict(p), "perplexity_ratio": p.perplexity / exact.perplexity}
+        log(f"predictor mode ({label} thresholds): perplexity {p.perplexity:.4f} "
+            f"({p.perplexity / exact.perplexity - 1:+.2%}), recall {p.recall:.2%}, predicted sparsity "
+            f"{p.predicted_sparsity:.2%} (true {p.sparsity:.2%}), {p.seconds:.0f} s")
     return {"model": str(gguf_path), "sequences": list(sequences.shape), "exact": asdict(exact),
-            "predictor": asdict(predictor), "perplexity_ratio": ratio}
+            "predictor": results["file"], "perplexity_ratio": results["file"]["perplexity_ratio"],
+            "operating_points": {k: v for k, v in results.items() if k != "file"}}
 
 
 # --- decode speed (prosparse-bench, where installed) ---------------------------------------
@@ -229,13 +233,15 @@ def torch_perplexity(model: nn.Module, sequences: np.ndarray, batch_size: int = 
 
 def markdown(result: dict, bench: dict | None = None) -> str:
     """The comparison (and decode speeds) as markdown."""
-    e, p = result["exact"], result["predictor"]
-    lines = ["| mode | perplexity | recall | predicted sparsity | true sparsity |", "|---|---|---|---|---|",
-             f"| exact | {e['perplexity']:.4f} | | | |",
-             f"| predictor | {p['perplexity']:.4f} | {p['recall']:.2%} | {p['predicted_sparsity']:.2%} | "
-             f"{p['sparsity']:.2%} |", "",
-             f"predictor / exact perplexity: {result['perplexity_ratio']:.4f} "
-             f"({result['sequences'][0]} held-out sequences × {result['sequences'][1]} tokens, one token at a time)"]
+    e = result["exact"]
+    lines = ["| mode | perplexity | vs exact | recall | predicted sparsity | true sparsity |",
+             "|---|---|---|---|---|---|", f"| exact | {e['perplexity']:.4f} | | | | |"]
+    for label, p in {"file": result["predictor"], **result.get("operating_points", {})}.items():
+        name = "predictor" if label == "file" else f"predictor, {label}"
+        lines.append(f"| {name} | {p['perplexity']:.4f} | {p['perplexity_ratio'] - 1:+.2%} | {p['recall']:.2%} | "
+                     f"{p['predicted_sparsity']:.2%} | {p['sparsity']:.2%} |")
+    lines += ["", f"{result['sequences'][0]} held-out sequences × {result['sequences'][1]} tokens, "
+                  f"decoded one token at a time"]
     if bench:
         lines += ["", "| mode | decode tok/s | weight bytes/token | speedup over dense | byte-ideal |",
                   "|---|---|---|---|---|"]

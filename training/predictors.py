@@ -12,14 +12,15 @@ definition of "active" that training's sparsity (surgery.py) and the runtime's s
 The input x
 -----------
 The runtime takes either the residual stream before ``ffn_norm`` ("residual", PowerInfer's
-choice) or the normalised FFN input ("normed"). The gate is a linear function of the normed
-input, g = W_gate · (x / rms(x) ⊙ w_norm): the sign pattern that ReLU keeps depends on x only
-through its direction, and FATReLU's g ≥ t on the normed scale. A bias-free ReLU predictor is
-positively homogeneous (its logits scale with ‖x‖), so on the residual its logits scale with a
-norm that varies from token to token, and one threshold per layer means something different
-for every token. Measured on SmolLM2-135M with ReLU (PREDICTORS.md), the normed input gives a
-higher predicted sparsity at the same recall; it is the default here. "residual" stays
-available for PowerInfer-compatible files (PowerInfer itself reads only the residual).
+choice and the runtime's default) or the normalised FFN input ("normed"). The gate is linear in
+the normed input, g = W_gate · (x / rms(x) ⊙ w_norm), so the normed input looks like the natural
+one; but a bias-free ReLU predictor is positively homogeneous, so on the residual its logits are
+those of the normed direction times a per-token positive factor, and ReLU's decision (g > 0) is
+scale-free. Measured on SmolLM2-135M (PREDICTORS.md: 3–8 layers, ranks 64 and 128, ReLU and
+FATReLU t = 0.1, thresholds set for 95% held-out recall) the two inputs give the same predicted
+sparsity within ±0.8 points, neither ahead. The default is therefore "residual": equally
+accurate, the runtime's default, and the only input PowerInfer reads, so the same predictor
+folder also makes working ``--format powerinfer`` files.
 
 Memory stays bounded: samples are stored per layer as float16 inputs and bit-packed masks
 (n_ff / 8 bytes), in .npy files under the output folder (memory-mapped, so a 7B model's 400k
@@ -52,12 +53,14 @@ from prosparse import constants as K
 
 from .surgery import ffn_modules
 
-DEFAULT_INPUT = K.PREDICTOR_INPUT_NORMED
+DEFAULT_INPUT = K.PREDICTOR_INPUT_RESIDUAL
 PREDICTOR_FILE = "model_{}.pt"       # the converter's (and PowerInfer's) names
 THRESHOLDS_FILE = "thresholds.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "REPORT.md"
 SAMPLES_DIR = "samples"
+# recall targets whose thresholds the report also lists (predictor-eval --target-recalls)
+RECALL_CURVE = (0.9, 0.95, 0.97, 0.98, 0.99)
 
 
 # --- hooks: the predictor input and the active mask of every layer ------------------------
@@ -347,6 +350,17 @@ def score(predictor: Predictor, samples: LayerSamples, threshold: float | None =
                  predicted_sparsity=1.0 - predicted / cells, sparsity=1.0 - active / cells)
 
 
+def operating_curve(predictor: Predictor, select: LayerSamples, test: LayerSamples,
+                    targets=RECALL_CURVE) -> list[list[float]]:
+    """[target, threshold chosen on ``select``, recall and predicted sparsity on ``test``] per target."""
+    curve = []
+    for target in targets:
+        threshold = score(predictor, select, target_recall=target).threshold
+        point = score(predictor, test, threshold=threshold)
+        curve.append([target, threshold, point.recall, point.predicted_sparsity])
+    return curve
+
+
 # --- training ----------------------------------------------------------------------------
 
 
@@ -355,8 +369,8 @@ class TrainSettings:
     rank: int = 128
     target_recall: float = 0.95
     pos_weight: float = 4.0          # BCE weight of active neurons (favours recall)
-    lr: float = 2e-3
-    batch_size: int = 1024
+    lr: float = 1e-3
+    batch_size: int = 256            # more, smaller steps beat larger ones here (PREDICTORS.md)
     max_epochs: int = 20
     patience: int = 3                # epochs without a better held-out score before stopping
     time_budget_s: float = 0.0       # per layer; 0: none (checked between mini-batches)
@@ -385,6 +399,9 @@ class LayerResult:
     epochs: int
     best_epoch: int
     train_s: float
+    # other operating points: [target recall, threshold (chosen on the select half),
+    # recall, predicted sparsity (on the test half)] for each of RECALL_CURVE
+    curve: list[list[float]] = field(default_factory=list)
 
 
 def input_scale(samples: LayerSamples, rows: int = 16384) -> torch.Tensor:
@@ -475,8 +492,28 @@ class PredictorReport:
         keys = ("recall", "predicted_sparsity", "sparsity", "recall_at_zero", "predicted_sparsity_at_zero")
         return {k: mean(k) for k in keys}
 
+    def thresholds_for(self, target_recall: float) -> list[float]:
+        """Per-layer thresholds for another recall target of RECALL_CURVE (no retraining)."""
+        found = [[t for target, t, _, _ in r.curve if abs(target - target_recall) < 1e-9] for r in self.layers]
+        if not all(found):
+            raise ValueError(f"recall target {target_recall} is not in the report's curve "
+                             f"({', '.join(str(t) for t in RECALL_CURVE)})")
+        return [f[0] for f in found]
+
+    def curve_averages(self) -> list[dict]:
+        """Mean recall and predicted sparsity over layers for each target of the curve."""
+        if not self.layers or not self.layers[0].curve:
+            return []
+        out = []
+        for k, point in enumerate(self.layers[0].curve):
+            out.append({"target_recall": point[0],
+                        "recall": sum(r.curve[k][2] for r in self.layers) / len(self.layers),
+                        "predicted_sparsity": sum(r.curve[k][3] for r in self.layers) / len(self.layers)})
+        return out
+
     def to_dict(self) -> dict:
         out = asdict(self)
+        out["curve_averages"] = self.curve_averages()
         out["averages"] = self.averages()
         out["predictor_bytes_per_token"] = {
             "per_layer": self.bytes_per_token_per_layer(),
@@ -500,8 +537,8 @@ class PredictorReport:
                  f"(held-out documents; threshold chosen on one half, reported on the other).", "",
                  f"Predictor weights read per token ({self.predictor_type}): {_size(per_layer)} per layer, "
                  f"{_size(per_layer * self.n_layer)} for {self.n_layer} layers "
-                 f"({self.to_dict()['predictor_bytes_per_token']['fraction_of_dense_ffn']:.1%} of the dense FFN "
-                 f"weights at the same type).", "",
+                 f"({self.to_dict()['predictor_bytes_per_token']['fraction_of_dense_ffn']:.1%} of the dense FFN's "
+                 f"weight count).", "",
                  "| layer | sparsity | predicted sparsity | recall | threshold | recall @0 | pred. sparsity @0 | epochs (best) | s |",
                  "|---|---|---|---|---|---|---|---|---|"]
         for r in self.layers:
@@ -511,6 +548,12 @@ class PredictorReport:
         lines.append(f"| **mean** | {avg['sparsity']:.2%} | {avg['predicted_sparsity']:.2%} | {avg['recall']:.2%} | | "
                      f"{avg['recall_at_zero']:.2%} | {avg['predicted_sparsity_at_zero']:.2%} | | "
                      f"{sum(r.train_s for r in self.layers):.0f} |")
+        curve = self.curve_averages()
+        if curve:
+            lines += ["", "Other operating points (thresholds chosen per layer on the select half, measured on the "
+                      "test half; `predictor-eval --predictors DIR --target-recalls …` runs them):", "",
+                      "| target recall | mean recall | mean predicted sparsity |", "|---|---|---|"]
+            lines += [f"| {c['target_recall']:.0%} | {c['recall']:.2%} | {c['predicted_sparsity']:.2%} |" for c in curve]
         return "\n".join(lines) + "\n"
 
 
@@ -552,7 +595,7 @@ def train_predictors(model: nn.Module, train_sequences: np.ndarray, heldout_sequ
     report = PredictorReport(model=model_name, predictor_input=predictor_input, n_layer=n_layer, n_embd=n_embd,
                              n_ff=n_ff, train=asdict(settings), collect=asdict(collect),
                              predictor_type=predictor_type)
-    previous = _read_report(out_dir)
+    previous = read_report(out_dir)
     if previous and _same_job(previous, report):
         report.layers = [r for r in previous.layers if (out_dir / PREDICTOR_FILE.format(r.layer)).is_file()]
         report.train_samples, report.heldout_samples = previous.train_samples, previous.heldout_samples
@@ -601,11 +644,12 @@ def train_predictors(model: nn.Module, train_sequences: np.ndarray, heldout_sequ
         predictor, chosen, epochs, best_epoch = train_predictor(train, select, layer_settings, log)
         tested = score(predictor, test, threshold=chosen.threshold)
         at_zero = score(predictor, test, threshold=0.0)
+        curve = operating_curve(predictor, select, test)
         result = LayerResult(layer=layer, threshold=chosen.threshold, recall=tested.recall,
                              predicted_sparsity=tested.predicted_sparsity, sparsity=tested.sparsity,
                              select_recall=chosen.recall, recall_at_zero=at_zero.recall,
                              predicted_sparsity_at_zero=at_zero.predicted_sparsity, epochs=epochs,
-                             best_epoch=best_epoch, train_s=time.perf_counter() - started)
+                             best_epoch=best_epoch, train_s=time.perf_counter() - started, curve=curve)
         torch.save(predictor.export(), out_dir / PREDICTOR_FILE.format(layer))
         report.layers = sorted(report.layers + [result], key=lambda r: r.layer)
         _write_json(out_dir / REPORT_JSON, report.to_dict())
@@ -638,8 +682,9 @@ def export_predictors(out_dir: str | Path, predictors: list[Predictor], threshol
     return out_dir
 
 
-def _read_report(out_dir: Path) -> PredictorReport | None:
-    path = out_dir / REPORT_JSON
+def read_report(out_dir: str | Path) -> PredictorReport | None:
+    """The report.json of a predictor folder (None when absent or unreadable)."""
+    path = Path(out_dir) / REPORT_JSON
     if not path.is_file():
         return None
     try:
@@ -657,5 +702,5 @@ def _same_job(a: PredictorReport, b: PredictorReport) -> bool:
 
 def is_complete(out_dir: str | Path) -> bool:
     """A finished predictor folder (what the pipeline skips)."""
-    report = _read_report(Path(out_dir))
+    report = read_report(Path(out_dir))
     return bool(report and report.complete and (Path(out_dir) / THRESHOLDS_FILE).is_file())
