@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="draw λ(t), losses and sparsity against steps to a PNG")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/training.png)")
+
+    from .predictor_cli import add_predictor_commands   # predictors, predictor-eval, pipeline
+    add_predictor_commands(sub)
     return parser
 
 
@@ -196,6 +199,8 @@ def _threads(recipe) -> None:
 
 COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "eval": cmd_eval,
             "sweep-threshold": cmd_sweep_threshold, "plot": cmd_plot}
+from .predictor_cli import PREDICTOR_COMMANDS  # noqa: E402
+COMMANDS.update(PREDICTOR_COMMANDS)
 
 if __name__ == "__main__":
     sys.exit(main())
