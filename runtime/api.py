@@ -229,14 +229,21 @@ class Runtime:
         """Logits (len(tokens), n_vocab) for every position of tokens, evaluated from position 0.
         Batched by default (prompt batches always run the dense FFN); ``sequential=True`` feeds
         one token at a time through the decode path, so the sparse mode applies (slower)."""
+        if sequential:
+            return np.stack(list(self.decode_steps(tokens)))
         tokens = self._check_prompt(tokens)
         self._cached = []
-        if sequential:
-            logits = np.stack([self._model.eval([t], i) for i, t in enumerate(tokens)])
-        else:
-            logits = self._model.eval(tokens, 0, all_logits=True)
+        logits = self._model.eval(tokens, 0, all_logits=True)
         self._cached = list(tokens)
         return logits
+
+    def decode_steps(self, tokens: Sequence[int]) -> Iterator[np.ndarray]:
+        """Yields the logits after each token, each token evaluated as its own decode step from
+        position 0 (so the sparse mode and statistics apply per token, as in generation)."""
+        tokens = self._check_prompt(tokens)
+        self._cached = []
+        for token in tokens:
+            yield self._step(token)
 
     def _check_prompt(self, tokens: Sequence[int]) -> list[int]:
         tokens = [int(t) for t in tokens]

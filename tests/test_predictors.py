@@ -14,7 +14,7 @@ import torch
 from prosparse import Runtime
 from prosparse import constants as K
 from prosparse.convert import convert_checkpoint
-from prosparse.training.predictor_eval import PredictorMode, compare_modes, decode_logits_one_token_at_a_time
+from prosparse.training.predictor_eval import PredictorMode, compare_modes
 from prosparse.training.predictors import (LayerProbe, LayerSamples, Predictor, TrainSettings,
                                            collect_samples, export_predictors, load_predictors, pack_masks,
                                            predictor_bytes, score, train_predictor, unpack_masks)
@@ -142,7 +142,7 @@ def runtime_counts(rt: Runtime, tokens: list[int]) -> tuple[np.ndarray, np.ndarr
     and the logits — one token at a time, the decode path."""
     rt.collect_stats(True)
     predicted, hits, logits, before = [], [], [], rt.sparsity().layers
-    for out in decode_logits_one_token_at_a_time(rt, tokens):
+    for out in rt.decode_steps(tokens):
         now = rt.sparsity().layers
         predicted.append([a.n_predicted - b.n_predicted for a, b in zip(now, before)])
         hits.append([a.n_predicted_active - b.n_predicted_active for a, b in zip(now, before)])

@@ -3,8 +3,7 @@
 
 The runtime applies a sparse FFN mode only to single-token decode steps; a batch (a prompt,
 ``Runtime.evaluate``) runs dense. Perplexity in predictor mode must therefore feed the held-out
-text one token at a time — ``decode_logits_one_token_at_a_time`` below, the one place here that
-reaches into the runtime's private ``_model``.
+text one token at a time: ``Runtime.decode_steps``.
 """
 
 from __future__ import annotations
@@ -28,17 +27,6 @@ from .predictors import Predictor, decoder_layers
 
 
 # --- the runtime ---------------------------------------------------------------------------
-
-
-def decode_logits_one_token_at_a_time(rt, tokens: Sequence[int]) -> Iterator[np.ndarray]:
-    """Logits after each of ``tokens``, evaluated from position 0 one token per step — the decode
-    path, where dense / exact / predictor modes apply. Uses the private ``rt._model.eval``
-    (what ``prosparse.bench`` does too) until the Runtime has a public equivalent; the KV cache
-    and ``rt``'s prompt cache are left holding these tokens' keys and values only in C, so the
-    Runtime's own bookkeeping is reset."""
-    rt._cached = []
-    for pos, token in enumerate(tokens):
-        yield rt._model.eval([int(token)], pos)
 
 
 @dataclass
@@ -69,7 +57,7 @@ def decode_perplexity(gguf_path: str | Path, sequences: np.ndarray, mode: str, t
             rt.set_predictor_threshold(threshold, layer)
         for seq in sequences:
             seq = [int(t) for t in seq]
-            for logits, target in zip(decode_logits_one_token_at_a_time(rt, seq[:-1]), seq[1:]):
+            for logits, target in zip(rt.decode_steps(seq[:-1]), seq[1:]):
                 logits = logits.astype(np.float64)
                 peak = logits.max()
                 nll_sum += peak + math.log(np.exp(logits - peak).sum()) - logits[target]
