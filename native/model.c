@@ -109,6 +109,14 @@ static matmul_target some_rows(const ps_tensor *w, float *out, const int32_t *ro
     return (matmul_target){ w, out, rows, n_rows };
 }
 
+/* Gathered rows (the sparse FFN's active neurons) defeat the hardware prefetcher, which follows
+ * sequential streams: ask for the row PREFETCH_AHEAD positions ahead while this one computes. */
+#define PREFETCH_AHEAD 4
+
+static inline void prefetch_row(const char *row, size_t bytes) {
+    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 0);
+}
+
 /* Rows j0..j1 of a target. One token: a dot per row. A batch: the chunk's rows are
  * dequantised once into the thread's tile, then multiplied with every token at once. */
 static void matmul_rows(const matmul_target *t, const float *in, int batch, int64_t j0, int64_t j1,
@@ -121,6 +129,8 @@ static void matmul_rows(const matmul_target *t, const float *in, int batch, int6
     if (batch == 1) {
         for (int64_t j = j0; j < j1; j++) {
             const int64_t r = t->rows ? t->rows[j] : j;
+            if (t->rows && j + PREFETCH_AHEAD < t->n_rows)
+                prefetch_row(base + (size_t)t->rows[j + PREFETCH_AHEAD] * row_bytes, row_bytes);
             t->out[r] = tt->dot(base + (size_t)r * row_bytes, in, n);
         }
         return;
@@ -283,6 +293,8 @@ static void down_t_task(void *ctx, int ith, int nth) {
         for (int64_t j = start; j < end; j++) {
             const int64_t i = job->neurons ? job->neurons[j] : j;
             const void *row = (const char *)w->data + (size_t)i * row_bytes;
+            if (job->neurons && j + PREFETCH_AHEAD < job->n_neurons)
+                prefetch_row((const char *)w->data + (size_t)job->neurons[j + PREFETCH_AHEAD] * row_bytes, row_bytes);
             if (job->batch == 1) {
                 if (job->h[i] != 0.0f) tt->axpy(job->h[i], row, acc, dim);
                 continue;
