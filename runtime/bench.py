@@ -17,21 +17,25 @@ file has no tokenizer.
 Weight bytes read per generated token (``weight bytes/token``), from the file's tensor sizes:
 
     head + Σ_layers [ attn_norm + wq + wk + wv + wo + ffn_norm
-                      + gate_L + c_L · (ffn_up_L + down_L) ]
+                      + gate_L + u_L · ffn_up_L + d_L · down_L ]
     head   = output_norm + output (tok_embd when tied) + one row of tok_embd
     gate_L = ffn_gate_L                              (dense, exact: every row)
            = p_L · ffn_gate_L + fc1_L + fc2_L         (predictor)
     down_L = ffn_down_t_L, or ffn_down_L (same size; transposed at load in sparse modes)
+    u_L    = 1 in dense mode, else c_L
+    d_L    = c_L, except 1 in dense mode with a plain ffn_down (every row is an output)
+           = a_L in dense mode with ffn_down_t (the C code skips the zero activations' vectors)
 
-c_L is the fraction of layer L's neurons whose up row and down vector were read (1 in dense
-mode) and p_L the fraction the predictor marked active, both measured per layer over the same
-tg run in a separate pass with statistics on (statistics slow predictor mode, so the timed
-runs keep them off). Norm vectors, KV cache and activations are left out of the count: the
-first are a few KiB, the others are not weights. ``% of bandwidth`` is
-bytes/token × t/s ÷ the read bandwidth measured for that thread count (native/membw.c) over a
-malloc'd, touched buffer of ``--bw-mib`` MiB (default 1024: 32× a 32 MiB L3, so every byte
-comes from DRAM; a model file of a few L3 sizes can be partly served from cache between
-tokens, so shares near or above 100% on small models mean cache hits, not a faster memory).
+c_L is the fraction of layer L's neurons whose up row and down vector were read, a_L the
+fraction whose activated gate is non-zero and p_L the fraction the predictor marked active,
+all measured per layer over the same tg run in a separate pass with statistics on
+(statistics slow predictor mode, so the timed runs keep them off). Norm vectors, KV cache and
+activations are left out of the count: the first are a few KiB, the others are not weights.
+``% of bandwidth`` is bytes/token × t/s ÷ the read bandwidth measured for that thread count
+(native/membw.c) over a malloc'd, touched buffer of ``--bw-mib`` MiB (default 1024: 32× a
+32 MiB L3, so every byte comes from DRAM; a model file of a few L3 sizes can be partly served
+from cache between tokens, so shares near or above 100% on small models mean cache hits, not
+a faster memory). See runtime/BENCHMARKS.md for measurements.
 """
 
 from __future__ import annotations
@@ -81,26 +85,32 @@ GIB, MIB = 1024 ** 3, 1024 ** 2
 # Weight bytes per generated token
 # ------------------------------------------------------------------------------------------
 
+def needs_activity(spec: ModelSpec, mode: str) -> bool:
+    """Whether the bytes a token reads in this mode depend on which neurons were active."""
+    return mode != "dense" or spec.has_down_t
+
+
 def weight_bytes_per_token(spec: ModelSpec, mode: str, layers: list[LayerStats] | None = None) -> int:
     """Bytes of weights one decoded token reads (formula in the module docstring). layers:
-    statistics of a stats-on tg run in this mode (needed for exact and predictor)."""
-    if mode != "dense" and layers is None:
+    statistics of a stats-on tg run in this mode (needed when needs_activity())."""
+    if needs_activity(spec, mode) and layers is None:
         raise ValueError(f"{mode} mode: weight bytes depend on measured activity; pass the layer statistics")
     g = spec.globals
     embd = g["tok_embd"]
     total = g["output_norm"].n_bytes + (g["output"] or embd).n_bytes + embd.n_bytes // embd.n_rows
     for i, slots in enumerate(spec.layers):
         total += sum(slots[s].n_bytes for s in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm"))
-        down = slots["ffn_down_t"] or slots["ffn_down"]
-        gate, up_down = slots["ffn_gate"].n_bytes, slots["ffn_up"].n_bytes + down.n_bytes
+        gate, up = slots["ffn_gate"].n_bytes, slots["ffn_up"].n_bytes
+        down = (slots["ffn_down_t"] or slots["ffn_down"]).n_bytes
+        st = layers[i] if layers is not None else None
         if mode == "dense":
-            total += gate + up_down
+            active = 1.0 - st.sparsity if slots["ffn_down_t"] is not None else 1.0
+            total += gate + up + active * down
             continue
-        st = layers[i]
         if mode == "predictor":
             predicted = st.n_predicted / (st.n_tokens * st.n_ff)
             gate = predicted * gate + slots["fc1"].n_bytes + slots["fc2"].n_bytes
-        total += gate + st.computed_fraction * up_down
+        total += gate + st.computed_fraction * (up + down)
     return int(round(total))
 
 
@@ -280,7 +290,7 @@ def bench_model(info: ModelInfo, threads: int, mode: str, prompts: list[int], ge
             run_decode(rt, tokens, 1)                                      # warm-up
             samples = [run_decode(rt, tokens, n) for _ in range(reps)]
             layers = None
-            if mode != "dense":                                            # activity, untimed
+            if needs_activity(info.spec, mode):                            # activity, untimed
                 rt.collect_stats(True)
                 run_decode(rt, tokens, n)
                 layers = rt.sparsity().layers

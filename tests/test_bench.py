@@ -89,6 +89,20 @@ def test_json_lines_and_bytes_per_token(relu_path, capsys):
                             exact["weight_bytes_per_token"] * exact["avg_ts"] / exact["bandwidth_bytes_per_s"])
 
 
+def test_dense_mode_on_the_sparse_layout_skips_zero_down_vectors(tmp_path, capsys):
+    """With ffn_down_t, dense decoding reads the down vectors of active neurons only."""
+    from prosparse.convert import write_llama_gguf
+    model = tiny_llama(K.ACT_RELU)
+    path = write_llama_gguf(tmp_path / "sparse.gguf", model.config.to_dict(), model.state_dict(),
+                            activation=K.ACT_RELU, layout="sparse")
+    out = run_bench(capsys, "-m", path, *ARGS, "-p", "0", "-o", "json")
+    dense, exact = (json.loads(ln) for ln in out.splitlines())
+    assert (dense["sparse"], exact["sparse"]) == ("dense", "exact")
+    assert 0 < dense["ffn_sparsity"] < 1 and dense["ffn_sparsity"] == exact["ffn_sparsity"]
+    assert abs(dense["weight_bytes_per_token"] - (DENSE_BYTES - N_LAYER * FFN_MATRIX * dense["ffn_sparsity"])) <= 1
+    assert exact["weight_bytes_per_token"] < dense["weight_bytes_per_token"]
+
+
 def test_default_modes_follow_the_file(tmp_path, capsys):
     silu = to_gguf(tiny_llama(), tmp_path / "silu.gguf")
     rows = markdown_rows(run_bench(capsys, "-m", silu, *ARGS, "-p", "0"))
