@@ -18,8 +18,13 @@
 
 /* Prompt tokens are processed in chunks of at most this many (bounds the scratch memory). */
 #define MAX_BATCH 64
-/* Rows handed out to a thread at a time by a mat-vec/mat-mat. */
+/* Rows handed out to a thread at a time by a mat-mat (the tile a thread dequantises). */
 #define ROW_CHUNK 16
+/* A mat-vec hands out larger chunks, about this many per thread: every take is an atomic on a
+ * cache line the threads share, which costs as much as reading a few small rows. Several per
+ * thread still let a thread that got the core late take less. */
+#define CHUNKS_PER_THREAD 4
+#define CACHE_LINE 64
 
 /* ------------------------------------------------------------------------------------------
  * Model and scratch state
@@ -98,7 +103,9 @@ typedef struct {
     const float *in;             /* (batch, ne0) */
     int batch;
     int64_t total_rows;          /* sum of n_rows over targets */
-    atomic_llong next_row;
+    int64_t chunk;               /* rows per take */
+    _Alignas(CACHE_LINE) atomic_llong next_row;   /* alone on its line: the only shared write */
+    char pad[CACHE_LINE - sizeof(atomic_llong)];
 } matmul_job;
 
 static matmul_target all_rows(const ps_tensor *w, float *out) {
@@ -143,6 +150,12 @@ static void matmul_rows(const matmul_target *t, const float *in, int batch, int6
     ps_gemm_nt_f32(a, n, j1 - j0, in, n, batch, n, t->out + j0, rows);
 }
 
+/* items per take of a single-token job: ~CHUNKS_PER_THREAD takes per thread, a multiple of 16 */
+static int64_t work_chunk(int64_t items, int nth) {
+    const int64_t per_take = (items + (int64_t)nth * CHUNKS_PER_THREAD - 1) / ((int64_t)nth * CHUNKS_PER_THREAD);
+    return per_take <= 16 ? 16 : (per_take + 15) / 16 * 16;
+}
+
 /* a thread's scratch: ROW_CHUNK rows of the longest row */
 static float *thread_tile(ps_model *m, int ith) { return m->row_buf + (int64_t)ith * ROW_CHUNK * m->row_buf_len; }
 
@@ -150,9 +163,9 @@ static void matmul_task(void *ctx, int ith, int nth) {
     matmul_job *job = ctx;
     float *tile = thread_tile(job->m, ith);
     for (;;) {
-        int64_t start = atomic_fetch_add(&job->next_row, ROW_CHUNK);
+        int64_t start = atomic_fetch_add(&job->next_row, job->chunk);
         if (start >= job->total_rows) return;
-        int64_t end = start + ROW_CHUNK < job->total_rows ? start + ROW_CHUNK : job->total_rows;
+        int64_t end = start + job->chunk < job->total_rows ? start + job->chunk : job->total_rows;
         /* map the global row range onto the targets it spans */
         int64_t offset = 0;
         for (int i = 0; i < job->n_targets && start < end; i++) {
@@ -174,6 +187,7 @@ static void matmul(ps_model *m, const matmul_target *targets, int n_targets, con
         job.total_rows += targets[i].n_rows;
     }
     if (job.total_rows == 0) return;
+    job.chunk = batch > 1 ? ROW_CHUNK : work_chunk(job.total_rows, ps_threadpool_size(m->pool));
     atomic_init(&job.next_row, 0);
     ps_threadpool_run(m->pool, matmul_task, &job);
 }
@@ -227,7 +241,8 @@ static float gate_activation(const ps_config *c, float g) {
 typedef struct {
     ps_model *m;
     int layer, batch, pos0;
-    atomic_int next;
+    _Alignas(CACHE_LINE) atomic_int next;
+    char pad[CACHE_LINE - sizeof(atomic_int)];
 } attention_job;
 
 static void attention_task(void *ctx, int ith, int nth) {
@@ -273,7 +288,9 @@ typedef struct {
     int batch;
     const int32_t *neurons;      /* the neurons to add, or NULL for all */
     int64_t n_neurons;
-    atomic_llong next;
+    int64_t chunk;               /* neurons per take */
+    _Alignas(CACHE_LINE) atomic_llong next;
+    char pad[CACHE_LINE - sizeof(atomic_llong)];
 } down_t_job;
 
 static void down_t_task(void *ctx, int ith, int nth) {
@@ -287,9 +304,9 @@ static void down_t_task(void *ctx, int ith, int nth) {
     float *row_buf = thread_tile(m, ith);
     memset(acc, 0, (size_t)(job->batch * dim) * sizeof(float));
     for (;;) {
-        int64_t start = atomic_fetch_add(&job->next, ROW_CHUNK);
+        int64_t start = atomic_fetch_add(&job->next, job->chunk);
         if (start >= job->n_neurons) return;
-        int64_t end = start + ROW_CHUNK < job->n_neurons ? start + ROW_CHUNK : job->n_neurons;
+        int64_t end = start + job->chunk < job->n_neurons ? start + job->chunk : job->n_neurons;
         for (int64_t j = start; j < end; j++) {
             const int64_t i = job->neurons ? job->neurons[j] : j;
             const void *row = (const char *)w->data + (size_t)i * row_bytes;
@@ -311,7 +328,7 @@ static void down_t_task(void *ctx, int ith, int nth) {
 static void down_t_product(ps_model *m, const ps_tensor *down_t, const float *h, int batch,
                            const int32_t *neurons, int64_t n_neurons, float *out) {
     down_t_job job = { .m = m, .down_t = down_t, .h = h, .batch = batch, .neurons = neurons,
-                       .n_neurons = n_neurons };
+                       .n_neurons = n_neurons, .chunk = work_chunk(n_neurons, ps_threadpool_size(m->pool)) };
     atomic_init(&job.next, 0);
     ps_threadpool_run(m->pool, down_t_task, &job);
     const int64_t n = (int64_t)batch * m->c.n_embd, stride = (int64_t)MAX_BATCH * m->c.n_embd;
