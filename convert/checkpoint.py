@@ -19,7 +19,7 @@ import numpy as np
 
 from prosparse import constants as K
 
-from .errors import MissingFileError, TensorError, UnsupportedModelError
+from .errors import MissingFileError, TensorError, UnsupportedModelError, read_json_object
 
 CONFIG_FILE = "config.json"
 
@@ -89,13 +89,7 @@ def read_config(model_dir: Path) -> dict[str, Any]:
         raise MissingFileError(f"{model_dir}: not a directory; give a Hugging Face checkpoint directory")
     if not path.is_file():
         raise MissingFileError(f"{path}: missing; a Hugging Face checkpoint directory needs its config.json")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UnsupportedModelError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise UnsupportedModelError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(path, UnsupportedModelError)
 
 
 def hyperparams(config: Mapping[str, Any], source: str = CONFIG_FILE) -> Hyperparams:

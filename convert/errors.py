@@ -4,6 +4,9 @@ says what to do."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 
 class ConversionError(Exception):
     """Base class: the inputs cannot be converted as given."""
@@ -31,3 +34,14 @@ class PredictorError(ConversionError):
 
 class OutputExistsError(ConversionError):
     """The output file exists and overwriting it was not asked for."""
+
+
+def read_json_object(path: Path, error: type[ConversionError]) -> dict:
+    """The JSON object in path, or ``error`` naming the file when it is not one."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object")
+    return value

@@ -18,7 +18,6 @@ Without any threshold the decision threshold is 0 (logit >= 0, i.e. probability 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 from prosparse import constants as K
 
 from .checkpoint import Hyperparams, to_float32
-from .errors import PredictorError
+from .errors import PredictorError, read_json_object
 
 PREDICTOR_FILE = "model_{}.pt"
 THRESHOLDS_FILE = "thresholds.json"
@@ -113,13 +112,13 @@ def _thresholds(directory: Path, n_layer: int) -> tuple[list[float], str | None]
     spec: dict[str, Any] = {}
     path = directory / THRESHOLDS_FILE
     if path.is_file():
-        spec = _read_json_object(path)
+        spec = read_json_object(path, PredictorError)
         unknown = set(spec) - {"threshold", "layer_thresholds", "input"}
         if unknown:
             raise PredictorError(f"{path}: unknown keys {sorted(unknown)}; expected threshold, "
                                  f"layer_thresholds, input")
     elif (directory / POWERINFER_CONFIG).is_file():
-        powerinfer = _read_json_object(directory / POWERINFER_CONFIG)
+        powerinfer = read_json_object(directory / POWERINFER_CONFIG, PredictorError)
         if powerinfer.get("sparse_threshold") is not None:
             spec = {"threshold": powerinfer["sparse_threshold"]}
         path = directory / POWERINFER_CONFIG
@@ -135,16 +134,6 @@ def _thresholds(directory: Path, n_layer: int) -> tuple[list[float], str | None]
     if predictor_input is not None and predictor_input not in K.PREDICTOR_INPUTS:
         raise PredictorError(f"{path}: input {predictor_input!r} is not one of {', '.join(K.PREDICTOR_INPUTS)}")
     return thresholds, predictor_input
-
-
-def _read_json_object(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PredictorError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise PredictorError(f"{path}: expected a JSON object")
-    return value
 
 
 def _number(path: Path, key: str, value: Any) -> float:

@@ -17,13 +17,17 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import constants as K
-from .gguf_file import GGUFFile
-from .loader import ModelSpec, read_spec
-from .loader import SPARSE_MODES
-from .native import LayerStats, NativeModel
+from .gguf_file import GGUFError, GGUFFile
+from .loader import SPARSE_MODES, ModelSpec, read_spec
+from .model_cache import ModelDownloadError
+from .native import LayerStats, NativeError, NativeModel
 from .sampling import Sampler, SamplingParams
 
 DEFAULT_N_CTX = 4096
+
+# What the command-line tools report as one line (exit status 1) rather than a traceback:
+# a bad file, a refused operation, an unreachable registry, a bad argument, an I/O error.
+USER_ERRORS = (GGUFError, NativeError, ModelDownloadError, ValueError, OSError)
 
 
 def physical_cores() -> int:

@@ -12,7 +12,7 @@ import sys
 import time
 
 from . import __version__
-from .api import Runtime, Timings
+from .api import USER_ERRORS, Runtime, Timings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,9 +127,6 @@ def _chat(rt: Runtime, args, prompt: str | None, totals: _Totals) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .gguf_file import GGUFError
-    from .model_cache import ModelDownloadError
-    from .native import NativeError
     try:
         prompt = _read_prompt(args)
         if prompt is None and not args.chat:
@@ -156,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(line, file=sys.stderr)
             else:
                 print(f"prosparse_sparse: FFN mode {rt.sparse}", file=sys.stderr)
-    except (GGUFError, NativeError, ModelDownloadError, ValueError, OSError) as e:
+    except USER_ERRORS as e:
         print(f"prosparse-run: error: {e}", file=sys.stderr)
         return 1
     return 0

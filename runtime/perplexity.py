@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .api import Runtime
+from .api import USER_ERRORS, Runtime
 
 
 @dataclass
@@ -82,9 +82,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="FFN mode; anything but dense evaluates token by token (decode path)")
     p.add_argument("--predictor-threshold", type=float, default=None, metavar="T")
     args = p.parse_args(argv)
-    from .gguf_file import GGUFError
-    from .model_cache import ModelDownloadError
-    from .native import NativeError
     try:
         with open(args.file, encoding="utf-8") as f:
             text = f.read()
@@ -101,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_error:.5f}")
             print(f"prosparse-perplexity: {result.n_scored} tokens scored in "
                   f"{time.perf_counter() - start:.2f} s", file=sys.stderr)
-    except (GGUFError, NativeError, ModelDownloadError, ValueError, OSError) as e:
+    except USER_ERRORS as e:
         print(f"prosparse-perplexity: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -104,7 +104,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny):
 
     out = finished(cli("train", "--recipe", recipe_file, "--resume", "-o", f"run.out_dir={killed_dir}",
                        "-o", f"train.stop_at_step={stop}"))
-    assert f"resumed from" in out and f"at step {resumed_from}" in out
+    assert "resumed from" in out and f"at step {resumed_from}" in out
     finished(cli("train", "--recipe", recipe_file, "-o", f"run.out_dir={whole_dir}",
                  "-o", f"train.stop_at_step={stop}"))
 

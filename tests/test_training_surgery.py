@@ -1,7 +1,6 @@
 """The L1 term, the sparsity metric, FATReLU and the x1 probe."""
 
 import torch
-from torch import nn
 
 from prosparse.training.surgery import (FATReLU, X1Probe, count_zeros, gate_activation, l1_contribution,
                                         l1_x1, set_gate_activation)

@@ -30,7 +30,7 @@ import subprocess
 import urllib.parse
 from pathlib import Path
 
-from .data import HTML_SUFFIXES, html_to_text, read_text_file, tidy_text
+from .data import HTML_SUFFIXES, read_text_file, tidy_text
 
 PROSE_SUFFIXES = (".txt", ".rst", ".md", ".pod", ".text") + HTML_SUFFIXES
 DEFAULT_WORK_DIR = "~/.cache/prosparse/debian"  # .deb files and their unpacked trees
