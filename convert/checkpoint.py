@@ -19,7 +19,7 @@ import numpy as np
 
 from prosparse import constants as K
 
-from .errors import MissingFileError, TensorError, UnsupportedModelError, read_json_object
+from .errors import ConversionError, MissingFileError, TensorError, UnsupportedModelError, read_json_object
 
 CONFIG_FILE = "config.json"
 
@@ -367,9 +367,9 @@ class CheckpointTensors:
         self.close()
 
 
-def _load_bin(path: Path) -> dict:
-    """A pytorch .bin state dict: weights only (no pickled code runs), memory-mapped when the
-    file is in torch's zip format."""
+def load_torch_state_dict(path: Path, error: type[ConversionError]) -> dict:
+    """A pytorch .bin/.pt state dict: weights only (no pickled code runs), memory-mapped when the
+    file is in torch's zip format; ``error`` (naming the file) when it is not one."""
     import torch
     try:
         try:
@@ -379,7 +379,12 @@ def _load_bin(path: Path) -> dict:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) format
     except Exception as e:                             # unpickling errors come in many types
-        raise MissingFileError(f"{path}: cannot read a weights-only state dict ({e})") from None
+        raise error(f"{path}: cannot read a weights-only state dict ({e})") from None
     if not isinstance(state, dict):
-        raise TensorError(f"{path}: holds a {type(state).__name__}, not a state dict")
+        raise error(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _load_bin(path: Path) -> dict:
+    state = load_torch_state_dict(path, MissingFileError)
     return {k: v for k, v in state.items() if hasattr(v, "shape")}

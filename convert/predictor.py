@@ -27,7 +27,7 @@ import numpy as np
 
 from prosparse import constants as K
 
-from .checkpoint import Hyperparams, to_float32
+from .checkpoint import Hyperparams, load_torch_state_dict, to_float32
 from .errors import PredictorError, read_json_object
 
 PREDICTOR_FILE = "model_{}.pt"
@@ -76,7 +76,7 @@ def read_predictors(directory: Path, hp: Hyperparams) -> Predictors:
 
 
 def _check_layer(path: Path, hp: Hyperparams) -> dict:
-    state = _load_pt(path)
+    state = load_torch_state_dict(path, PredictorError)
     if set(state) != {FC1, FC2}:
         extra = sorted(set(state) - {FC1, FC2})
         what = f"unexpected {extra}" if extra else f"missing {sorted({FC1, FC2} - set(state))}"
@@ -89,22 +89,6 @@ def _check_layer(path: Path, hp: Hyperparams) -> dict:
     if fc2 != (hp.n_ff, rank):
         raise PredictorError(f"{path}: {FC2} has shape {list(fc2)}, expected [{hp.n_ff}, {rank}] "
                              f"(n_ff × the rank of {FC1})")
-    return state
-
-
-def _load_pt(path: Path) -> dict:
-    import torch
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                       # unpickling errors come in many types
-        raise PredictorError(f"{path}: cannot read a weights-only state dict ({e})") from None
-    if not isinstance(state, dict):
-        raise PredictorError(f"{path}: holds a {type(state).__name__}, not a state dict")
     return state
 
 
