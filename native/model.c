@@ -20,9 +20,9 @@
 #define MAX_BATCH 64
 /* Rows handed out to a thread at a time by a mat-mat (the tile a thread dequantises). */
 #define ROW_CHUNK 16
-/* A mat-vec hands out larger chunks, about this many per thread (2 beat 4 by 3-8% at 2 threads): every take is an atomic on a
- * cache line the threads share, which costs as much as reading a few small rows. Several per
- * thread still let a thread that got the core late take less. */
+/* A mat-vec hands out larger chunks, about this many per thread: every take is an atomic on a
+ * cache line the threads share, which costs as much as reading a few small rows. More than one
+ * per thread lets a thread that got the core late take less (2 beat 4 by 3-8% at 2 threads). */
 #define CHUNKS_PER_THREAD 2
 #define CACHE_LINE 64
 
