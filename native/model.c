@@ -54,6 +54,8 @@ struct ps_model {
     float *hb;                   /* (batch, n_ff) gate, then act(gate)*up  */
     float *hb2;                  /* (batch, n_ff) up                       */
     float *scores;               /* (n_threads, n_ctx) attention scores    */
+    float *rope_inv_freq;        /* (n_rot/2) base^(-2i/n_rot), fixed      */
+    float *rope_cos_sin;         /* (n_rot) cos, sin of one position's angles */
     float *row_buf;              /* (n_threads, ROW_CHUNK, max row length) dequantised weight rows */
     float *down_acc;             /* (n_threads, batch, n_embd) per-thread sums of down_t axpys */
     int64_t row_buf_len;
@@ -212,11 +214,18 @@ static void rmsnorm(float *out, const float *x, const ps_tensor *weight, int n, 
 
 /* RoPE, llama.cpp's "normal" mode: rotates adjacent pairs (2i, 2i+1) of each head's first
  * n_rot dims by pos * base^(-2i/n_rot). (HF's q/k weights are permuted at conversion so that
- * this equals HF's rotate_half form.) */
-static void rope(float *vec, int n_heads, int head_dim, int n_rot, int pos, float base) {
+ * this equals HF's rotate_half form.) The angles of a position are computed once, for q and k. */
+static void rope_angles(const ps_model *m, int pos, float *cos_sin) {
+    for (int i = 0; i < m->c.n_rot / 2; i++) {
+        const float theta = (float)pos * m->rope_inv_freq[i];
+        cos_sin[2 * i] = cosf(theta);
+        cos_sin[2 * i + 1] = sinf(theta);
+    }
+}
+
+static void rope(float *vec, int n_heads, int head_dim, int n_rot, const float *cos_sin) {
     for (int i = 0; i < n_rot; i += 2) {
-        const float theta = (float)pos * powf(base, -(float)i / (float)n_rot);
-        const float cos_t = cosf(theta), sin_t = sinf(theta);
+        const float cos_t = cos_sin[i], sin_t = cos_sin[i + 1];
         for (int h = 0; h < n_heads; h++) {
             float *p = vec + h * head_dim + i;
             const float x0 = p[0], x1 = p[1];
@@ -470,8 +479,9 @@ static void forward_chunk(ps_model *m, const int32_t *tokens, int batch, int pos
         matmul(m, qkv, 3, m->xb, batch);
         for (int b = 0; b < batch; b++) {
             const int pos = pos0 + b;
-            rope(m->q + (int64_t)b * qd, c->n_head, c->head_dim, c->n_rot, pos, c->rope_base);
-            rope(m->k + (int64_t)b * kvd, c->n_head_kv, c->head_dim, c->n_rot, pos, c->rope_base);
+            rope_angles(m, pos, m->rope_cos_sin);
+            rope(m->q + (int64_t)b * qd, c->n_head, c->head_dim, c->n_rot, m->rope_cos_sin);
+            rope(m->k + (int64_t)b * kvd, c->n_head_kv, c->head_dim, c->n_rot, m->rope_cos_sin);
             const int64_t at = ((int64_t)L * m->n_ctx + pos) * kvd;
             memcpy(m->k_cache + at, m->k + (int64_t)b * kvd, (size_t)kvd * sizeof(float));
             memcpy(m->v_cache + at, m->v + (int64_t)b * kvd, (size_t)kvd * sizeof(float));
@@ -680,6 +690,8 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
     m->row_buf = alloc_floats((int64_t)n_threads * ROW_CHUNK * max_row, &failed);
     m->down_acc = alloc_floats((int64_t)n_threads * MAX_BATCH * dim, &failed);
     m->pred_threshold = alloc_floats(c->n_layer, &failed);
+    m->rope_inv_freq = alloc_floats(c->n_rot / 2, &failed);
+    m->rope_cos_sin = alloc_floats(c->n_rot, &failed);
     m->pred_hidden = alloc_floats(max_rank, &failed);
     m->pred_logits = alloc_floats(ff, &failed);
     m->neurons = calloc((size_t)ff, sizeof(int32_t));
@@ -691,6 +703,7 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
         ps_model_free(m);
         return NULL;
     }
+    for (int i = 0; i < c->n_rot / 2; i++) m->rope_inv_freq[i] = powf(c->rope_base, -2.0f * (float)i / (float)c->n_rot);
     m->pool = ps_threadpool_create(n_threads);
     if (!m->pool) {
         set_error(err, err_len, "could not start %d threads", n_threads);
@@ -709,6 +722,7 @@ void ps_model_free(ps_model *m) {
     free(m->q); free(m->k); free(m->v); free(m->att_out);
     free(m->hb); free(m->hb2);
     free(m->scores); free(m->row_buf); free(m->down_acc);
+    free(m->rope_inv_freq); free(m->rope_cos_sin);
     free(m->pred_threshold); free(m->pred_hidden); free(m->pred_logits);
     free(m->neurons); free(m->exact_active); free(m->stats);
     free(m);
