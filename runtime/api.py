@@ -369,10 +369,10 @@ def _text_pieces(ids: Iterator[int], tokenizer, stops: list[str], on_stop) -> It
                     yield pending
                     pending = ""
                 continue
-            hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-            if hits:
-                if min(hits) > 0:
-                    yield pending[:min(hits)]
+            cut = _first_stop(pending, stops)
+            if cut >= 0:
+                if cut > 0:
+                    yield pending[:cut]
                 on_stop("stop")
                 return
             keep = _longest_stop_prefix_suffix(pending, stops)
@@ -381,14 +381,19 @@ def _text_pieces(ids: Iterator[int], tokenizer, stops: list[str], on_stop) -> It
                 pending = pending[len(pending) - keep:]
         pending += decoder.flush()
         if stops:
-            hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-            if hits:
-                pending = pending[:min(hits)]
+            cut = _first_stop(pending, stops)
+            if cut >= 0:
+                pending = pending[:cut]
                 on_stop("stop")
         if pending:
             yield pending
     finally:
         ids.close()
+
+
+def _first_stop(text: str, stops: list[str]) -> int:
+    """Where the earliest stop string begins in text, or -1."""
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
 
 
 def _longest_stop_prefix_suffix(text: str, stops: list[str]) -> int:

@@ -131,7 +131,6 @@ def test_plain_ffn_down_is_transposed_at_load_for_sparse_modes(tmp_path):
     model = tiny_llama(K.ACT_RELU, seed=10)
     path = to_gguf(model, tmp_path / "m.gguf", "f16", K.ACT_RELU)   # ffn_down, not ffn_down_t
     with Runtime(path, n_ctx=64, threads=2, sparse="exact") as rt:
-        assert all(slot is not None for slot in rt._model._owned)
         assert len(rt._model._owned) == model.config.num_hidden_layers
         e = decode_logits(rt, PROMPT)
     assert rel_err(e, hf_logits(model, PROMPT)) <= 1e-2
