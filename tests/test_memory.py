@@ -13,7 +13,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 
 import gguf
 import numpy as np
@@ -37,22 +36,23 @@ OVERHEAD_LIMIT_BYTES = 64 << 20
 MiB = 1 << 20
 
 
+# Runs a command and writes its peak RSS (KiB) to argv[1]. A child's ru_maxrss starts from the
+# peak of the process it was forked from (Linux carries the pre-exec hiwater over exec), and
+# pytest with torch loaded is ~500 MB: measured straight from here, every run would read that.
+# This small interpreter in between is what the command is forked from instead.
+_MEASURE = ("import resource, subprocess, sys\n"
+            "code = subprocess.run(sys.argv[2:]).returncode\n"
+            "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
+            "sys.exit(code)\n")
+
+
 def run_measured(args: list[str], timeout_s: float = 300) -> tuple[int, str, str]:
-    """Run prosparse-run; its peak resident set in bytes (wait4's ru_maxrss, this child only),
-    stdout and stderr."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([*PROSPARSE_RUN, *args], stdout=out, stderr=err)
-        watchdog = threading.Timer(timeout_s, proc.kill)
-        watchdog.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            watchdog.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read().decode(), err.read().decode()
-    assert proc.returncode == 0, stderr
-    return usage.ru_maxrss * 1024, stdout, stderr
+    """Run prosparse-run; its peak resident set in bytes, stdout and stderr."""
+    with tempfile.NamedTemporaryFile("r") as peak:
+        r = subprocess.run([sys.executable, "-c", _MEASURE, peak.name, *PROSPARSE_RUN, *args],
+                           capture_output=True, text=True, timeout=timeout_s)
+        assert r.returncode == 0, r.stderr
+        return int(peak.read()) * 1024, r.stdout, r.stderr
 
 
 def kv_cache_bytes(path, n_ctx: int | None) -> tuple[int, int]:
