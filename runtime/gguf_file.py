@@ -184,7 +184,7 @@ class Metadata(Mapping):
 
     def iter_strings(self, key: str) -> Iterator[str]:
         """The elements of a string array one at a time, never all in memory at once (the
-        tokenizer reads the BPE merges so: ~5 MB of strings for a 49k vocabulary). KeyError
+        tokenizer reads the BPE merges so: ~4 MB of strings for a 49k vocabulary). KeyError
         when ``key`` is missing."""
         return iter(self._values[key])
 
