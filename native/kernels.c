@@ -3,9 +3,12 @@
  * Layout of this file:
  *   block formats and f16/bf16 conversion
  *   scalar kernels: the plain reference for every type, and the only quantisers (from_float)
+ *   8-bit activations: the quantiser and the integer dots of Q8_0/Q4_0/Q4_1 (scalar reference)
  *   SIMD kernels: per ISA, one "load 32 weights as floats" primitive (a quantised block or 32
  *     plain elements) and three generic loops over it (to_float, dot, axpy); the type is a
- *     compile-time constant in each instance, so the switch inside the primitive folds away
+ *     compile-time constant in each instance, so the switch inside the primitive folds away.
+ *     Then the ISA's quantiser and one generic int8 dot loop (the multiply-add instruction is
+ *     a macro parameter: with and without VNNI / dotprod)
  *   the traits tables and CPU detection
  *
  * The file is compiled for baseline x86-64; SIMD functions carry target attributes and run
@@ -19,10 +22,20 @@
 #include <string.h>
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
+/* AVX-VNNI intrinsics (and target("avxvnni")) arrived in gcc 11 and clang 12 */
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define HAVE_AVX_VNNI 1
+#else
+#define HAVE_AVX_VNNI 0
+#endif
 #endif
 #if defined(__aarch64__)
 #include <arm_neon.h>
+#if defined(__linux__)
+#include <sys/auxv.h>
+#endif
 #endif
 
 #define INLINE static inline __attribute__((always_inline))
@@ -291,6 +304,91 @@ static void from_float_q4_1(const float *x, void *row, int64_t n) {
     }
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* 8-bit activations: the quantiser and the integer dots (scalar reference)                 */
+
+/* A block whose largest |x| is below this quantises to zeros: 127 / amax stays finite. */
+#define Q8_MIN_AMAX 1e-30f
+
+/* the scale of a block with largest magnitude amax, and its inverse (0, 0 for a zero block) */
+INLINE void q8_scales(float amax, float *d, float *id) {
+    *id = amax >= Q8_MIN_AMAX ? 127.0f / amax : 0.0f;
+    *d = *id != 0.0f ? amax / 127.0f : 0.0f;
+}
+
+/* Every ISA rounds x * id to nearest, ties to even (the FPU's default mode, which
+ * nearbyintf and the SIMD conversions both follow), so all produce the same bytes. */
+static void quantize_q8_scalar(const float *x, const ps_q8_vec *out, int64_t n) {
+    for (int64_t i = 0; i < n / QK; i++, x += QK) {
+        float amax = 0.0f, d, id;
+        for (int j = 0; j < QK; j++) amax = MAX(amax, fabsf(x[j]));
+        q8_scales(amax, &d, &id);
+        int32_t sum = 0;
+        for (int j = 0; j < QK; j++) {
+            const int8_t q = (int8_t)nearbyintf(x[j] * id);
+            out->qs[QK * i + j] = q;
+            sum += q;
+        }
+        out->d[i] = d;
+        out->s[i] = d * (float)sum;
+    }
+}
+
+/* ggml's reference dots of these types with its Q8_0 / Q8_1 activation blocks: an exact
+ * integer sum per block, then float. */
+static float dot_q8_q8_0_scalar(const void *row, const ps_q8_vec *x, int64_t n) {
+    const block_q8_0 *b = row;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / QK; i++) {
+        const int8_t *xq = x->qs + QK * i;
+        int32_t si = 0;
+        for (int j = 0; j < QK; j++) si += b[i].qs[j] * xq[j];
+        sum += (float)si * (ps_f16_to_f32(b[i].d) * x->d[i]);
+    }
+    return sum;
+}
+static float dot_q8_q4_0_scalar(const void *row, const ps_q8_vec *x, int64_t n) {
+    const block_q4_0 *b = row;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / QK; i++) {
+        const int8_t *xq = x->qs + QK * i;
+        int32_t si = 0;
+        for (int j = 0; j < QK / 2; j++)
+            si += ((b[i].qs[j] & 0xf) - 8) * xq[j] + ((b[i].qs[j] >> 4) - 8) * xq[j + QK / 2];
+        sum += (float)si * (ps_f16_to_f32(b[i].d) * x->d[i]);
+    }
+    return sum;
+}
+/* sum_j (q_j*d + m) * xq_j*dx = d*dx * sum_j q_j xq_j + m * s */
+static float dot_q8_q4_1_scalar(const void *row, const ps_q8_vec *x, int64_t n) {
+    const block_q4_1 *b = row;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / QK; i++) {
+        const int8_t *xq = x->qs + QK * i;
+        int32_t si = 0;
+        for (int j = 0; j < QK / 2; j++) si += (b[i].qs[j] & 0xf) * xq[j] + (b[i].qs[j] >> 4) * xq[j + QK / 2];
+        sum += (float)si * (ps_f16_to_f32(b[i].d) * x->d[i]) + ps_f16_to_f32(b[i].m) * x->s[i];
+    }
+    return sum;
+}
+
+/* The x86 dots compute, per block, one integer dot of unsigned and signed bytes (Q4: the codes
+ * 0..15 as they are; Q8_0: |w| and x with w's sign), then add off * s with off = -8d (Q4_0) or
+ * m (Q4_1): the Q4_1 formula above. (NEON multiplies signed bytes: Q4_0's codes minus 8.)
+ * The f16 bits of block c's d and m (m: Q4_1): */
+INLINE void block_halves(const void *row, int64_t c, int type, uint16_t *d, uint16_t *m) {
+    switch (type) {
+    case PS_TYPE_Q8_0: *d = ((const block_q8_0 *)row)[c].d, *m = 0; return;
+    case PS_TYPE_Q4_0: *d = ((const block_q4_0 *)row)[c].d, *m = 0; return;
+    default:           *d = ((const block_q4_1 *)row)[c].d, *m = ((const block_q4_1 *)row)[c].m; return;
+    }
+}
+
+/* the 16 code bytes of Q4 block c */
+INLINE const uint8_t *q4_codes(const void *row, int64_t c, int type) {
+    return type == PS_TYPE_Q4_0 ? ((const block_q4_0 *)row)[c].qs : ((const block_q4_1 *)row)[c].qs;
+}
+
 /* Element i of a plain row, for the tails of the SIMD loops. */
 INLINE float load1(const void *row, int64_t i, int type) {
     switch (type) {
@@ -360,6 +458,34 @@ INLINE int64_t whole_blocks(int64_t n, int type) {
     SIMD_KERNELS(TARGET, isa, q4_0, PS_TYPE_Q4_0)                                              \
     SIMD_KERNELS(TARGET, isa, q4_1, PS_TYPE_Q4_1)                                              \
     SIMD_TABLE(isa)
+
+/* The int8 part of an ISA: its activation quantiser and a dot per integer type. */
+typedef float (*dot_q8_fn)(const void *row, const ps_q8_vec *x, int64_t n);
+typedef struct {
+    void (*quantize)(const float *x, const ps_q8_vec *out, int64_t n);
+    dot_q8_fn dot[PS_TYPE_COUNT]; /* NULL for the float types */
+} q8_kernels;
+
+static const q8_kernels q8_scalar = {
+    quantize_q8_scalar,
+    { [PS_TYPE_Q8_0] = dot_q8_q8_0_scalar, [PS_TYPE_Q4_0] = dot_q8_q4_0_scalar, [PS_TYPE_Q4_1] = dot_q8_q4_1_scalar },
+};
+
+/* One ISA's int8 table: instantiates its generic dot_q8_<isa>(row, x, n_blocks, type). */
+#define SIMD_Q8(TARGET, isa, quantize)                                                         \
+    TARGET static float dot_q8_q8_0_##isa(const void *row, const ps_q8_vec *x, int64_t n) {    \
+        return dot_q8_##isa(row, x, n / QK, PS_TYPE_Q8_0);                                     \
+    }                                                                                          \
+    TARGET static float dot_q8_q4_0_##isa(const void *row, const ps_q8_vec *x, int64_t n) {    \
+        return dot_q8_##isa(row, x, n / QK, PS_TYPE_Q4_0);                                     \
+    }                                                                                          \
+    TARGET static float dot_q8_q4_1_##isa(const void *row, const ps_q8_vec *x, int64_t n) {    \
+        return dot_q8_##isa(row, x, n / QK, PS_TYPE_Q4_1);                                     \
+    }                                                                                          \
+    static const q8_kernels q8_##isa = {                                                       \
+        quantize, { [PS_TYPE_Q8_0] = dot_q8_q8_0_##isa, [PS_TYPE_Q4_0] = dot_q8_q4_0_##isa,     \
+                    [PS_TYPE_Q4_1] = dot_q8_q4_1_##isa },                                      \
+    };
 
 #if defined(__x86_64__)
 /* ---------------------------------------------------------------------------------------- */
@@ -508,10 +634,103 @@ TARGET_AVX2 static void gemm_avx2(const float *a, int64_t lda, int64_t m, const 
         for (int64_t j = 0; j < nb; j++) c[j * ldc + i] = dot_avx2(a + i * lda, b + j * ldb, k, PS_TYPE_F32);
 }
 
+/* 8-bit activations. The packs below saturate nothing: |q| <= 127. */
+
+TARGET_AVX2 static void quantize_q8_avx2(const float *x, const ps_q8_vec *out, int64_t n) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t i = 0; i < n / QK; i++, x += QK) {
+        __m256 v[4], vmax = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(x + 8 * k);
+            vmax = _mm256_max_ps(vmax, _mm256_and_ps(v[k], abs_mask));
+        }
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        float d, id;
+        q8_scales(_mm_cvtss_f32(m), &d, &id);
+        __m256i q[4];
+        for (int k = 0; k < 4; k++) q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], _mm256_set1_ps(id)));
+        /* the packs interleave 128-bit lanes: dwords come out as 0,2,4,6,1,3,5,7 of the wanted order */
+        const __m256i q8 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)(out->qs + QK * i),
+                            _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
+        out->d[i] = d;
+        out->s[i] = d * (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+/* d and the offset coefficient (-8d for Q4_0, m for Q4_1, 0 for Q8_0) of block c */
+TARGET_AVX2 INLINE void block_scales_x86(const void *row, int64_t c, int type, float *d, float *off) {
+    uint16_t dh, mh;
+    block_halves(row, c, type, &dh, &mh);
+    *d = _cvtsh_ss(dh);
+    *off = type == PS_TYPE_Q4_0 ? -8.0f * *d : type == PS_TYPE_Q4_1 ? _cvtsh_ss(mh) : 0.0f;
+}
+
+/* block c of a row and x's block c as unsigned bytes u and signed bytes s whose products sum
+ * to the block's integer dot: Q8_0: u = |w| (-128 -> 128), s = x with w's sign; Q4: u = the
+ * codes (low nibbles are elements 0-15, high 16-31), s = x */
+TARGET_AVX2 INLINE void q8_operands_avx2(const void *row, int64_t c, const int8_t *xq, int type, __m256i *u, __m256i *s) {
+    const __m256i x = _mm256_loadu_si256((const __m256i *)xq);
+    if (type == PS_TYPE_Q8_0) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)row)[c].qs);
+        *u = _mm256_sign_epi8(w, w);
+        *s = _mm256_sign_epi8(x, w);
+    } else {
+        const __m128i q = _mm_loadu_si128((const __m128i *)q4_codes(row, c, type));
+        *u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0f));
+        *s = x;
+    }
+}
+
+/* 8 int32 lanes, each the sum of 4 products u*s: vpmaddubsw's int16 pair sums cannot saturate
+ * (u <= 128, |s| <= 127), then vpmaddwd adds pairs; AVX-VNNI's vpdpbusd does both */
+TARGET_AVX2 INLINE __m256i mul_sum_avx2(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+/* Generic int8 dot over nb blocks, one block per step into two alternating accumulators. */
+#define DOT_Q8_AVX2(TARGET, isa, MUL_SUM)                                                      \
+    TARGET INLINE __m256 q8_step_##isa(const void *row, const ps_q8_vec *x, int64_t c, int type, \
+                                       __m256 acc, float *off_sum) {                           \
+        __m256i u, s;                                                                          \
+        float d, off;                                                                          \
+        q8_operands_avx2(row, c, x->qs + QK * c, type, &u, &s);                                \
+        block_scales_x86(row, c, type, &d, &off);                                              \
+        if (type != PS_TYPE_Q8_0) *off_sum += off * x->s[c];                                   \
+        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(MUL_SUM(u, s)), _mm256_set1_ps(d * x->d[c]), acc); \
+    }                                                                                          \
+    TARGET INLINE float dot_q8_##isa(const void *row, const ps_q8_vec *x, int64_t nb, int type) { \
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                         \
+        float off0 = 0.0f, off1 = 0.0f;                                                        \
+        int64_t c = 0;                                                                         \
+        for (; c + 2 <= nb; c += 2) {                                                          \
+            acc0 = q8_step_##isa(row, x, c, type, acc0, &off0);                                \
+            acc1 = q8_step_##isa(row, x, c + 1, type, acc1, &off1);                            \
+        }                                                                                      \
+        if (c < nb) acc0 = q8_step_##isa(row, x, c, type, acc0, &off0);                        \
+        return hsum_avx2(_mm256_add_ps(acc0, acc1)) + (off0 + off1);                           \
+    }
+
+DOT_Q8_AVX2(TARGET_AVX2, avx2, mul_sum_avx2)
+SIMD_Q8(TARGET_AVX2, avx2, quantize_q8_avx2)
+
+#if HAVE_AVX_VNNI
+#define TARGET_AVX2_VNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
+TARGET_AVX2_VNNI INLINE __m256i mul_sum_avx2_vnni(__m256i u, __m256i s) {
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+}
+DOT_Q8_AVX2(TARGET_AVX2_VNNI, avx2_vnni, mul_sum_avx2_vnni)
+SIMD_Q8(TARGET_AVX2_VNNI, avx2_vnni, quantize_q8_avx2)
+#endif
+
 /* ---------------------------------------------------------------------------------------- */
 /* AVX-512 F/BW/VL: 32 weights = 2 x __m512                                                 */
-/* VNNI and AVX512-BF16 would need the activations in int8 / bf16; with f32 activations
- * nothing here gains from them. */
 
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
@@ -664,6 +883,121 @@ TARGET_AVX512 static void gemm_avx512(const float *a, int64_t lda, int64_t m, co
     for (; i < m; i++)
         for (int64_t j = 0; j < nb; j++) c[j * ldc + i] = dot_avx512(a + i * lda, b + j * ldb, k, PS_TYPE_F32);
 }
+
+/* 8-bit activations: two blocks per 512-bit vector */
+
+TARGET_AVX512 static void quantize_q8_avx512(const float *x, const ps_q8_vec *out, int64_t n) {
+    for (int64_t i = 0; i < n / QK; i++, x += QK) {
+        const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+        float d, id;
+        q8_scales(_mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1))), &d, &id);
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
+        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+        _mm_storeu_si128((__m128i *)(out->qs + QK * i), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(out->qs + QK * i + 16), _mm512_cvtsepi32_epi8(q1));
+        out->d[i] = d;
+        out->s[i] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    }
+}
+
+/* blocks c and c+1 as u, s (see q8_operands_avx2), block c in the low half; with two = 0 only
+ * block c, the high half zero (nothing past it is read) */
+TARGET_AVX512 INLINE void q8_operands_avx512(const void *row, int64_t c, const int8_t *xq, int type, int two,
+                                             __m512i *u, __m512i *s) {
+    const __m512i x = two ? _mm512_loadu_si512(xq) : _mm512_maskz_loadu_epi8(0xffffffffULL, xq);
+    if (type == PS_TYPE_Q8_0) {
+        const block_q8_0 *b = (const block_q8_0 *)row + c;
+        const __m512i w0 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_loadu_si256((const __m256i *)b[0].qs), 0);
+        const __m512i w = two ? _mm512_inserti64x4(w0, _mm256_loadu_si256((const __m256i *)b[1].qs), 1) : w0;
+        *u = _mm512_abs_epi8(w);
+        *s = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+    } else {
+        /* each block's 16 code bytes twice, then the second copy shifted: low nibbles in
+         * 128-bit lanes 0 and 2, high nibbles in lanes 1 and 3 */
+        const __m256i q0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q4_codes(row, c, type)));
+        __m512i q = _mm512_inserti64x4(_mm512_setzero_si512(), q0, 0);
+        if (two) q = _mm512_inserti64x4(q, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q4_codes(row, c + 1, type))), 1);
+        q = _mm512_srlv_epi64(q, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4));
+        *u = _mm512_and_si512(q, _mm512_set1_epi8(0x0f));
+        *s = x;
+    }
+}
+
+/* vpermw index spreading the f16 fields of a block pair whose blocks are `words` apart: d0 to
+ * words 0-7, d1 to 8-15, the second field (Q4_1's m) of each block to 16-23 and 24-31 */
+TARGET_AVX512 INLINE __m512i halves_index(int words) {
+    const short a = 0, b = (short)words, m = 1, n = (short)(words + 1);
+    return _mm512_set_epi16(n, n, n, n, n, n, n, n, m, m, m, m, m, m, m, m,
+                            b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a);
+}
+
+/* floats v[0] and v[1] (v[0] alone when !two) in lanes 0-7 and 8-15 (then zero) */
+TARGET_AVX512 INLINE __m512 pair_lanes(const float *v, int two) {
+    const __m128 p = two ? _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)v)) : _mm_load_ss(v);
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                 _mm512_castps128_ps512(p));
+}
+
+/* The lanes' scales: weight d * x's d of block c in lanes 0-7, of block c+1 in 8-15 (zero
+ * when !two). For Q4, *off += (d, or Q4_1's m) * x's s in the same lanes: eight copies of each
+ * block's offset term (dot_q8_avx512 scales the lane sum back). One load brings both blocks'
+ * f16 fields, one vpermw spreads them over their lanes. */
+TARGET_AVX512 INLINE __m512 q8_scales_avx512(const void *row, const ps_q8_vec *x, int64_t c, int type, int two,
+                                             __m512 *off) {
+    const int words = (int)(type == PS_TYPE_Q8_0 ? sizeof(block_q8_0) : type == PS_TYPE_Q4_0 ? sizeof(block_q4_0)
+                                                                                              : sizeof(block_q4_1)) / 2;
+    /* the words up to block c+1's second field (block c's first two alone) */
+    const __mmask32 load_mask = two ? (__mmask32)((1u << (words + 2)) - 1) : (__mmask32)3;
+    const __m512i raw = _mm512_maskz_loadu_epi16(load_mask, (const uint16_t *)row + c * words);
+    const __m512i halves = _mm512_permutexvar_epi16(halves_index(words), raw);
+    const __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(halves));
+    if (type == PS_TYPE_Q4_0) *off = _mm512_fmadd_ps(d, pair_lanes(x->s + c, two), *off);
+    if (type == PS_TYPE_Q4_1)
+        *off = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(halves, 1)), pair_lanes(x->s + c, two), *off);
+    return _mm512_mul_ps(d, pair_lanes(x->d + c, two));
+}
+
+TARGET_AVX512 INLINE __m512i mul_sum_avx512(__m512i u, __m512i s) {
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
+}
+
+/* Generic int8 dot over nb blocks: two blocks per step, four per loop into two accumulators.
+ * The offset lanes hold 8 copies of each block's d*s (Q4_0: the term is -8 d s) or m*s (Q4_1). */
+#define DOT_Q8_AVX512(TARGET, isa, MUL_SUM)                                                    \
+    TARGET INLINE __m512 q8_step_##isa(const void *row, const ps_q8_vec *x, int64_t c, int type, int two, \
+                                       __m512 acc, __m512 *off) {                              \
+        __m512i u, s;                                                                          \
+        q8_operands_avx512(row, c, x->qs + QK * c, type, two, &u, &s);                         \
+        return _mm512_fmadd_ps(_mm512_cvtepi32_ps(MUL_SUM(u, s)),                              \
+                               q8_scales_avx512(row, x, c, type, two, off), acc);              \
+    }                                                                                          \
+    TARGET INLINE float dot_q8_##isa(const void *row, const ps_q8_vec *x, int64_t nb, int type) { \
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), off = _mm512_setzero_ps(); \
+        int64_t c = 0;                                                                         \
+        for (; c + 4 <= nb; c += 4) {                                                          \
+            acc0 = q8_step_##isa(row, x, c, type, 1, acc0, &off);                              \
+            acc1 = q8_step_##isa(row, x, c + 2, type, 1, acc1, &off);                          \
+        }                                                                                      \
+        if (c + 2 <= nb) {                                                                     \
+            acc0 = q8_step_##isa(row, x, c, type, 1, acc0, &off);                              \
+            c += 2;                                                                            \
+        }                                                                                      \
+        if (c < nb) acc1 = q8_step_##isa(row, x, c, type, 0, acc1, &off);                      \
+        const float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));                     \
+        if (type == PS_TYPE_Q4_0) return sum - _mm512_reduce_add_ps(off);                      \
+        if (type == PS_TYPE_Q4_1) return sum + 0.125f * _mm512_reduce_add_ps(off);             \
+        return sum;                                                                            \
+    }
+
+DOT_Q8_AVX512(TARGET_AVX512, avx512, mul_sum_avx512)
+SIMD_Q8(TARGET_AVX512, avx512, quantize_q8_avx512)
+
+#define TARGET_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+TARGET_AVX512_VNNI INLINE __m512i mul_sum_avx512_vnni(__m512i u, __m512i s) {
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
+}
+DOT_Q8_AVX512(TARGET_AVX512_VNNI, avx512_vnni, mul_sum_avx512_vnni)
+SIMD_Q8(TARGET_AVX512_VNNI, avx512_vnni, quantize_q8_avx512)
 #endif /* __x86_64__ */
 
 #if defined(__aarch64__)
@@ -765,6 +1099,92 @@ INLINE void axpy_neon(float a, const void *row, float *y, int64_t n, int type) {
 }
 
 SIMD_ALL_TYPES(, neon)
+
+/* 8-bit activations */
+
+static void quantize_q8_neon(const float *x, const ps_q8_vec *out, int64_t n) {
+    for (int64_t i = 0; i < n / QK; i++, x += QK) {
+        float32x4_t v[8], vmax = vdupq_n_f32(0.0f);
+        for (int k = 0; k < 8; k++) {
+            v[k] = vld1q_f32(x + 4 * k);
+            vmax = vmaxq_f32(vmax, vabsq_f32(v[k]));
+        }
+        float d, id;
+        q8_scales(vmaxvq_f32(vmax), &d, &id);
+        int32x4_t sum = vdupq_n_s32(0);
+        for (int k = 0; k < 8; k += 2) {
+            /* vcvtnq: to nearest, ties to even */
+            const int32x4_t a = vcvtnq_s32_f32(vmulq_n_f32(v[k], id)), b = vcvtnq_s32_f32(vmulq_n_f32(v[k + 1], id));
+            sum = vaddq_s32(sum, vaddq_s32(a, b));
+            vst1_s8(out->qs + QK * i + 4 * k, vqmovn_s16(vcombine_s16(vqmovn_s32(a), vqmovn_s32(b))));
+        }
+        out->d[i] = d;
+        out->s[i] = d * (float)vaddvq_s32(sum);
+    }
+}
+
+INLINE float f16_neon(uint16_t h) {
+    return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
+}
+
+/* block c's codes as signed bytes (elements 0-15, 16-31): Q8_0 as stored, Q4_0 minus 8 (so
+ * its dot needs no offset term), Q4_1 as 0..15 */
+INLINE void q8_codes_neon(const void *row, int64_t c, int type, int8x16_t *lo, int8x16_t *hi) {
+    if (type == PS_TYPE_Q8_0) {
+        const int8_t *qs = ((const block_q8_0 *)row)[c].qs;
+        *lo = vld1q_s8(qs), *hi = vld1q_s8(qs + 16);
+        return;
+    }
+    const uint8x16_t q = vld1q_u8(q4_codes(row, c, type));
+    const int8x16_t bias = vdupq_n_s8(type == PS_TYPE_Q4_0 ? 8 : 0);
+    *lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0xf))), bias);
+    *hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), bias);
+}
+
+/* acc + the sums of 4 adjacent products a*b (|a*b| <= 128*127 fits the int16 products) */
+INLINE int32x4_t dot_s8_neon(int32x4_t acc, int8x16_t a, int8x16_t b) {
+    acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(a), vget_low_s8(b)));
+    return vpadalq_s16(acc, vmull_high_s8(a, b));
+}
+
+/* Generic int8 dot over nb blocks, into two alternating accumulators. */
+#define DOT_Q8_NEON(TARGET, isa, DOT_S8)                                                       \
+    TARGET INLINE float32x4_t q8_step_##isa(const void *row, const ps_q8_vec *x, int64_t c, int type, \
+                                            float32x4_t acc, float *off_sum) {                 \
+        int8x16_t lo, hi;                                                                      \
+        uint16_t dh, mh;                                                                       \
+        q8_codes_neon(row, c, type, &lo, &hi);                                                 \
+        block_halves(row, c, type, &dh, &mh);                                                  \
+        const int8_t *xq = x->qs + QK * c;                                                     \
+        const int32x4_t p = DOT_S8(DOT_S8(vdupq_n_s32(0), lo, vld1q_s8(xq)), hi, vld1q_s8(xq + 16)); \
+        if (type == PS_TYPE_Q4_1) *off_sum += f16_neon(mh) * x->s[c];                          \
+        return vfmaq_n_f32(acc, vcvtq_f32_s32(p), f16_neon(dh) * x->d[c]);                     \
+    }                                                                                          \
+    TARGET INLINE float dot_q8_##isa(const void *row, const ps_q8_vec *x, int64_t nb, int type) { \
+        float32x4_t acc0 = vdupq_n_f32(0.0f), acc1 = vdupq_n_f32(0.0f);                        \
+        float off0 = 0.0f, off1 = 0.0f;                                                        \
+        int64_t c = 0;                                                                         \
+        for (; c + 2 <= nb; c += 2) {                                                          \
+            acc0 = q8_step_##isa(row, x, c, type, acc0, &off0);                                \
+            acc1 = q8_step_##isa(row, x, c + 1, type, acc1, &off1);                            \
+        }                                                                                      \
+        if (c < nb) acc0 = q8_step_##isa(row, x, c, type, acc0, &off0);                        \
+        return vaddvq_f32(vaddq_f32(acc0, acc1)) + (off0 + off1);                              \
+    }
+
+DOT_Q8_NEON(, neon, dot_s8_neon)
+SIMD_Q8(, neon, quantize_q8_neon)
+
+#if defined(__clang__)
+#define TARGET_DOTPROD __attribute__((target("dotprod")))
+#else
+#define TARGET_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#endif
+TARGET_DOTPROD INLINE int32x4_t dot_s8_neon_dotprod(int32x4_t acc, int8x16_t a, int8x16_t b) {
+    return vdotq_s32(acc, a, b);
+}
+DOT_Q8_NEON(TARGET_DOTPROD, neon_dotprod, dot_s8_neon_dotprod)
+SIMD_Q8(TARGET_DOTPROD, neon_dotprod, quantize_q8_neon)
 #endif /* __aarch64__ */
 
 /* ---------------------------------------------------------------------------------------- */
@@ -785,45 +1205,92 @@ static const struct {
     [PS_TYPE_Q4_1] = { "q4_1", QK, sizeof(block_q4_1), from_float_q4_1 },
 };
 
-/* NULL: not built for this architecture */
+/* NULL: not built for this architecture (a VNNI / dotprod level has its base's float kernels) */
 static const kernel_row *const isa_kernels[PS_ISA_COUNT] = {
-    [PS_ISA_SCALAR] = kernels_scalar,
+    [PS_ISA_SCALAR]       = kernels_scalar,
 #if defined(__x86_64__)
-    [PS_ISA_AVX2]   = kernels_avx2,
-    [PS_ISA_AVX512] = kernels_avx512,
+    [PS_ISA_AVX2]         = kernels_avx2,
+    [PS_ISA_AVX2_VNNI]    = kernels_avx2,
+    [PS_ISA_AVX512]       = kernels_avx512,
+    [PS_ISA_AVX512_VNNI]  = kernels_avx512,
 #endif
 #if defined(__aarch64__)
-    [PS_ISA_NEON]   = kernels_neon,
+    [PS_ISA_NEON]         = kernels_neon,
+    [PS_ISA_NEON_DOTPROD] = kernels_neon,
+#endif
+};
+
+/* NULL: not built (an ISA without it is unavailable) */
+static const q8_kernels *const isa_q8[PS_ISA_COUNT] = {
+    [PS_ISA_SCALAR]       = &q8_scalar,
+#if defined(__x86_64__)
+    [PS_ISA_AVX2]         = &q8_avx2,
+#if HAVE_AVX_VNNI
+    [PS_ISA_AVX2_VNNI]    = &q8_avx2_vnni,
+#endif
+    [PS_ISA_AVX512]       = &q8_avx512,
+    [PS_ISA_AVX512_VNNI]  = &q8_avx512_vnni,
+#endif
+#if defined(__aarch64__)
+    [PS_ISA_NEON]         = &q8_neon,
+    [PS_ISA_NEON_DOTPROD] = &q8_neon_dotprod,
 #endif
 };
 
 /* NULL: scalar (NEON has no tiled kernel yet) */
 static const gemm_fn isa_gemm[PS_ISA_COUNT] = {
-    [PS_ISA_SCALAR] = gemm_scalar,
+    [PS_ISA_SCALAR]      = gemm_scalar,
 #if defined(__x86_64__)
-    [PS_ISA_AVX2]   = gemm_avx2,
-    [PS_ISA_AVX512] = gemm_avx512,
+    [PS_ISA_AVX2]        = gemm_avx2,
+    [PS_ISA_AVX2_VNNI]   = gemm_avx2,
+    [PS_ISA_AVX512]      = gemm_avx512,
+    [PS_ISA_AVX512_VNNI] = gemm_avx512,
 #endif
 };
 
 static const char *const isa_names[PS_ISA_COUNT] = {
-    [PS_ISA_SCALAR] = "scalar", [PS_ISA_AVX2] = "avx2", [PS_ISA_AVX512] = "avx512", [PS_ISA_NEON] = "neon",
+    [PS_ISA_SCALAR] = "scalar", [PS_ISA_AVX2] = "avx2", [PS_ISA_AVX2_VNNI] = "avx2_vnni",
+    [PS_ISA_AVX512] = "avx512", [PS_ISA_AVX512_VNNI] = "avx512_vnni", [PS_ISA_NEON] = "neon",
+    [PS_ISA_NEON_DOTPROD] = "neon_dotprod",
 };
 
+#if defined(__x86_64__)
+/* bit `bit` of register reg (0 eax .. 3 edx) of cpuid leaf 7, sub-leaf sub */
+static int cpuid7_bit(unsigned sub, int reg, int bit) {
+    unsigned r[4];
+    if (!__get_cpuid_count(7, sub, &r[0], &r[1], &r[2], &r[3])) return 0;
+    return (r[reg] >> bit) & 1;
+}
+#endif
+
 /* libgcc's __builtin_cpu_supports reports AVX / AVX-512 features only when the OS also
- * enables their register state (it checks XCR0 via xgetbv). */
+ * enables their register state (it checks XCR0 via xgetbv). A VNNI level is its base level
+ * (whose check covers the registers it uses) plus a cpuid bit, read directly: gcc < 11 and
+ * older clangs do not know "avxvnni" by name. */
 static int cpu_supports(int isa) {
     switch (isa) {
     case PS_ISA_SCALAR: return 1;
 #if defined(__x86_64__)
     case PS_ISA_AVX2:
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case PS_ISA_AVX2_VNNI:   /* AVX-VNNI: leaf 7.1, eax bit 4 */
+        return cpu_supports(PS_ISA_AVX2) && cpuid7_bit(1, 0, 4);
     case PS_ISA_AVX512:
         return cpu_supports(PS_ISA_AVX2) && __builtin_cpu_supports("avx512f") &&
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    case PS_ISA_AVX512_VNNI: /* AVX512_VNNI: leaf 7.0, ecx bit 11 */
+        return cpu_supports(PS_ISA_AVX512) && cpuid7_bit(0, 2, 11);
 #endif
 #if defined(__aarch64__)
     case PS_ISA_NEON: return 1; /* Advanced SIMD is part of AArch64 */
+    case PS_ISA_NEON_DOTPROD:
+#if defined(__linux__)
+        return (getauxval(AT_HWCAP) >> 20) & 1; /* HWCAP_ASIMDDP */
+#elif defined(__APPLE__)
+        return 1; /* every Apple arm64 CPU has it */
+#else
+        return 0;
+#endif
 #endif
     default: return 0;
     }
@@ -839,14 +1306,15 @@ static void init_tables(void) {
     __builtin_cpu_init();
 #endif
     for (int isa = 0; isa < PS_ISA_COUNT; isa++) {
-        available[isa] = isa_kernels[isa] != NULL && cpu_supports(isa);
+        available[isa] = isa_kernels[isa] != NULL && isa_q8[isa] != NULL && cpu_supports(isa);
         if (!available[isa]) continue;
         best_isa = isa; /* enum order is preference order within an architecture */
         for (int t = 0; t < PS_TYPE_COUNT; t++) {
             if (!layouts[t].name) continue;
             const kernel_row *k = &isa_kernels[isa][t];
             traits[isa][t] = (ps_type_traits){ layouts[t].name, layouts[t].block_size, layouts[t].block_bytes,
-                                               k->to_float, layouts[t].from_float, k->dot, k->axpy };
+                                               k->to_float, layouts[t].from_float, k->dot, k->axpy,
+                                               isa_q8[isa]->dot[t] };
         }
     }
 }
@@ -889,6 +1357,17 @@ float ps_dot_f32(const float *a, const float *b, int64_t n) {
 void ps_axpy_f32(float a, const float *x, float *y, int64_t n) {
     ensure_init();
     traits[best_isa][PS_TYPE_F32].axpy(a, x, y, n);
+}
+
+int ps_quantize_q8_isa(int isa, const float *x, const ps_q8_vec *out, int64_t n) {
+    ensure_init();
+    if (isa < 0 || isa >= PS_ISA_COUNT || !available[isa]) return -1;
+    isa_q8[isa]->quantize(x, out, n);
+    return 0;
+}
+
+void ps_quantize_q8(const float *x, const ps_q8_vec *out, int64_t n) {
+    ps_quantize_q8_isa(ps_kernels_best_isa(), x, out, n);
 }
 
 int ps_gemm_nt_f32_isa(int isa, const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb,

@@ -3,7 +3,9 @@
  * One traits row per tensor type (ggml's block layouts, ggml's type ids), one table per
  * instruction set. Model code never switches on a type: it looks the row up once.
  *
- * All kernels take float32 activations. A "row" is ne0 weights of one type, stored as
+ * Kernels take float32 activations, except dot_q8: the integer types (Q8_0, Q4_0, Q4_1) also
+ * have a dot with the activation vector quantised to 8 bits (ps_q8_vec), computed with integer
+ * multiply-adds as llama.cpp does. A "row" is ne0 weights of one type, stored as
  * ne0 / block_size consecutive blocks; n is always a multiple of block_size.
  */
 #ifndef PROSPARSE_KERNELS_H
@@ -23,14 +25,30 @@ enum {
     PS_TYPE_COUNT = 31, /* size of lookup tables indexed by type id */
 };
 
-/* Instruction sets a kernel table can be built for. */
+/* Instruction sets a kernel table can be built for; within an architecture, enum order is
+ * preference order. A _VNNI / _DOTPROD level has the float kernels of the level below it and
+ * its own int8 dot products (dot_q8). */
 enum {
-    PS_ISA_SCALAR = 0,
-    PS_ISA_AVX2   = 1, /* AVX2 + FMA + F16C */
-    PS_ISA_AVX512 = 2, /* AVX-512 F/BW/VL (VNNI/BF16 wait for int8/bf16 activations) */
-    PS_ISA_NEON   = 3,
-    PS_ISA_COUNT  = 4,
+    PS_ISA_SCALAR       = 0,
+    PS_ISA_AVX2         = 1, /* AVX2 + FMA + F16C; int8 products with vpmaddubsw          */
+    PS_ISA_AVX2_VNNI    = 2, /* + AVX-VNNI: vpdpbusd on 256 bits                          */
+    PS_ISA_AVX512       = 3, /* AVX-512 F/BW/VL; int8 products with vpmaddubsw            */
+    PS_ISA_AVX512_VNNI  = 4, /* + AVX512-VNNI: vpdpbusd on 512 bits                       */
+    PS_ISA_NEON         = 5, /* int8 products with widening multiplies                    */
+    PS_ISA_NEON_DOTPROD = 6, /* + the dot-product extension (sdot)                         */
+    PS_ISA_COUNT        = 7,
 };
+
+/* n activations quantised to 8 bits per block of 32, as llama.cpp quantises the input of a
+ * mat-vec (its Q8_1 blocks, with d and s kept in f32 and stored as three arrays):
+ * x[i] ~ qs[i] * d[i/32], d = max |x| / 127 over the block, qs = x / d rounded to nearest
+ * (ties to even), s = d * (sum of the block's qs), the term Q4_1's offset m multiplies (and
+ * Q4_0's -8: its codes are used unsigned). A block whose largest |x| is below 1e-30 is zero. */
+typedef struct {
+    int8_t *qs;   /* (n)      */
+    float  *d;    /* (n / 32) */
+    float  *s;    /* (n / 32) */
+} ps_q8_vec;
 
 typedef struct {
     const char *name;      /* "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1" */
@@ -44,6 +62,9 @@ typedef struct {
     float (*dot)(const void *row, const float *x, int64_t n);
     /* y[i] += a * row[i] */
     void  (*axpy)(float a, const void *row, float *y, int64_t n);
+    /* returns sum over blocks of the integer dot of the block's codes with x's, times the
+     * scales (+ the Q4 offset term); x from ps_quantize_q8. NULL for the float types. */
+    float (*dot_q8)(const void *row, const ps_q8_vec *x, int64_t n);
 } ps_type_traits;
 
 /* Picks the best instruction set this CPU supports (first call does the detection). */
@@ -58,6 +79,11 @@ const ps_type_traits *ps_type_traits_for(int type, int isa);
 
 /* bytes of a row of n weights of this type; 0 if unknown type or n not a multiple of the block */
 size_t ps_row_bytes(int type, int64_t n);
+
+/* out = x[0..n) quantised (whole blocks of 32 only); the same bytes in every isa */
+void ps_quantize_q8(const float *x, const ps_q8_vec *out, int64_t n);
+/* the same for one instruction set (tests compare them); returns -1 if isa is unavailable */
+int ps_quantize_q8_isa(int isa, const float *x, const ps_q8_vec *out, int64_t n);
 
 /* float32 helpers used by the forward pass, dispatched like the table above. */
 float ps_dot_f32(const float *a, const float *b, int64_t n);

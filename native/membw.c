@@ -108,11 +108,14 @@ static sum_fn sum_for(int isa) {
     switch (isa) {
     case PS_ISA_SCALAR: return sum_scalar;
 #if defined(__x86_64__)
-    case PS_ISA_AVX2:   return sum_avx2;
-    case PS_ISA_AVX512: return sum_avx512;
+    case PS_ISA_AVX2:
+    case PS_ISA_AVX2_VNNI:   return sum_avx2;
+    case PS_ISA_AVX512:
+    case PS_ISA_AVX512_VNNI: return sum_avx512;
 #endif
 #if defined(__aarch64__)
-    case PS_ISA_NEON:   return sum_neon;
+    case PS_ISA_NEON:
+    case PS_ISA_NEON_DOTPROD: return sum_neon;
 #endif
     default:            return NULL;
     }

@@ -3,6 +3,7 @@ weights each generated token reads and that traffic's share of the machine's mem
 
     prosparse-bench                                  # default model, pp128 + tg64, physical cores
     prosparse-bench -m a.gguf -m b.gguf -p 128 -n 64 -t 1,2 -r 5 --sparse dense,exact -o json
+    prosparse-bench -m q8_0.gguf -p 0 -n 64 -t 1 --activations f32,q8   # decode's input: float or 8-bit
 
 Tests (tokenisation and sampling excluded; fixed token ids are fed):
 - ``ppN``: one batched evaluation of N prompt tokens from position 0 (the KV cache is
@@ -54,7 +55,7 @@ from gguf import GGMLQuantizationType, LlamaFileType
 
 from . import __version__
 from . import constants as K
-from .api import Runtime, physical_cores
+from .api import ACTIVATION_MODES, Runtime, physical_cores
 from .loader import ModelSpec, read_spec
 from .gguf_file import GGUFFile
 from .native import LayerStats
@@ -203,6 +204,7 @@ class Result:
     model: ModelInfo
     threads: int
     mode: str
+    activations: str             # "f32", "q8" (what the Runtime resolved)
     test: str                    # "pp128", "tg64"
     n_prompt: int
     n_gen: int
@@ -275,17 +277,19 @@ def run_decode(rt: Runtime, tokens: list[int], n_gen: int) -> int:
 
 
 def bench_model(info: ModelInfo, threads: int, mode: str, prompts: list[int], gens: list[int], reps: int,
-                bandwidth: float | None, predictor_threshold: float | None):
-    """Yields a Result per test (every ppN, then every tgN) for one model, thread count and mode."""
+                bandwidth: float | None, predictor_threshold: float | None, activations: str = "auto"):
+    """Yields a Result per test (every ppN, then every tgN) for one model, thread count, mode
+    and activations mode."""
     longest = max(prompts + [n + 1 for n in gens])
-    with Runtime(info.path, n_ctx=longest, threads=threads, sparse=mode) as rt:
+    with Runtime(info.path, n_ctx=longest, threads=threads, sparse=mode, activations=activations) as rt:
+        act = rt.activations
         if predictor_threshold is not None and mode == "predictor":
             rt.set_predictor_threshold(predictor_threshold)
         tokens = bench_tokens(rt, longest)
         for n in prompts:
             run_prompt(rt, tokens[:n])                                     # warm-up
             samples = [_timed(lambda: run_prompt(rt, tokens[:n])) for _ in range(reps)]
-            yield Result(info, threads, mode, f"pp{n}", n, 0, samples)
+            yield Result(info, threads, mode, act, f"pp{n}", n, 0, samples)
         for n in gens:
             run_decode(rt, tokens, 1)                                      # warm-up
             samples = [run_decode(rt, tokens, n) for _ in range(reps)]
@@ -295,7 +299,7 @@ def bench_model(info: ModelInfo, threads: int, mode: str, prompts: list[int], ge
                 run_decode(rt, tokens, n)
                 layers = rt.sparsity().layers
                 rt.collect_stats(False)
-            yield Result(info, threads, mode, f"tg{n}", 0, n, samples,
+            yield Result(info, threads, mode, act, f"tg{n}", 0, n, samples,
                          weight_bytes_per_token(info.spec, mode, layers), bandwidth, layers)
 
 
@@ -303,7 +307,8 @@ def bench_model(info: ModelInfo, threads: int, mode: str, prompts: list[int], ge
 # Output
 # ------------------------------------------------------------------------------------------
 
-COLUMNS = ("model", "size", "params", "threads", "mode", "test", "t/s", "weight bytes/token", "% of bandwidth")
+COLUMNS = ("model", "size", "params", "threads", "mode", "act", "test", "t/s", "weight bytes/token",
+           "% of bandwidth")
 _ALIGN_RIGHT = {"size", "params", "threads", "t/s", "weight bytes/token", "% of bandwidth"}
 
 
@@ -315,7 +320,7 @@ def markdown_cells(r: Result) -> list[str]:
     share = r.bandwidth_share
     return [
         r.model.desc, _size(r.model.size_bytes), f"{r.model.n_params / 1e6:.2f} M", str(r.threads), r.mode,
-        r.test, f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}",
+        r.activations, r.test, f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}",
         "-" if r.weight_bytes is None else f"{r.weight_bytes / MIB:.2f} MiB",
         "-" if share is None else f"{100 * share:.1f}%",
     ]
@@ -323,7 +328,7 @@ def markdown_cells(r: Result) -> list[str]:
 
 class MarkdownTable:
     """Prints the header at once and each row as its test finishes (widths fixed up front)."""
-    WIDTHS = {"model": 30, "size": 10, "params": 9, "threads": 7, "mode": 9, "test": 6, "t/s": 16,
+    WIDTHS = {"model": 30, "size": 10, "params": 9, "threads": 7, "mode": 9, "act": 3, "test": 6, "t/s": 16,
               "weight bytes/token": 18, "% of bandwidth": 14}
 
     def __init__(self, out):
@@ -348,7 +353,8 @@ def json_record(r: Result) -> dict:
     share = r.bandwidth_share
     return {
         "model": r.model.desc, "model_filename": str(r.model.path), "model_size": r.model.size_bytes,
-        "model_n_params": r.model.n_params, "n_threads": r.threads, "sparse": r.mode, "test": r.test,
+        "model_n_params": r.model.n_params, "n_threads": r.threads, "sparse": r.mode,
+        "activations": r.activations, "test": r.test,
         "n_prompt": r.n_prompt, "n_gen": r.n_gen,
         "avg_ns": int(statistics.fmean(r.samples_ns)),
         "stddev_ns": int(statistics.stdev(r.samples_ns)) if len(r.samples_ns) > 1 else 0,
@@ -394,6 +400,15 @@ def _mode_list(text: str) -> list[str]:
     return modes
 
 
+def _activations_list(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ACTIVATION_MODES]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"unknown activations mode {bad[0] if bad else text!r}; "
+                                         f"choose from {', '.join(ACTIVATION_MODES)}")
+    return modes
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prosparse-bench",
@@ -413,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FFN modes: dense, exact, predictor (default: those the file supports)")
     p.add_argument("--predictor-threshold", type=float, default=None, metavar="T",
                    help="predictor decision threshold for every layer in predictor mode (default: the file's)")
+    p.add_argument("--activations", type=_activations_list, default=["auto"], metavar="MODE[,MODE...]",
+                   help="how decoding reads its input: f32, q8 (8-bit, for Q8_0/Q4_0/Q4_1 weights) or auto "
+                        "(q8 when the file has such weights; the default)")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md",
                    help="md: a markdown table; json: one JSON object per line (default: md)")
     p.add_argument("--bw-mib", type=int, default=DEFAULT_BW_MIB,
@@ -456,12 +474,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"prosparse-bench: {info.path}: skipping predictor mode: the file has no predictor "
                           f"tensors (blk.N.fc1.weight, blk.N.fc2.weight)", file=sys.stderr)
                     continue
-                for r in bench_model(info, t, mode, prompts, gens, args.repetitions, bandwidth.get(t),
-                                     args.predictor_threshold):
-                    if table:
-                        table.row(r)
-                    else:
-                        print(json.dumps(json_record(r)), flush=True)
+                for act in args.activations:
+                    for r in bench_model(info, t, mode, prompts, gens, args.repetitions, bandwidth.get(t),
+                                         args.predictor_threshold, act):
+                        if table:
+                            table.row(r)
+                        else:
+                            print(json.dumps(json_record(r)), flush=True)
     if table:
         print()
         if bandwidth:

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure per-layer sparsity and predictor recall; print them at the end")
     p.add_argument("--predictor-threshold", type=float, default=None, metavar="T",
                    help="predictor decision threshold for every layer (default: the file's)")
+    p.add_argument("--activations", choices=["auto", "f32", "q8"], default="auto",
+                   help="how decoding reads its input: f32, or q8 (8-bit, for Q8_0/Q4_0/Q4_1 weights: "
+                        "integer dot products, faster) (default: auto, q8 when the file has such weights)")
     p.add_argument("--version", action="version", version=f"prosparse {__version__}")
     return p
 
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("no prompt: give one with -p TEXT or -f FILE (or use --chat)")
         with Runtime(args.model, n_ctx=args.ctx_size or None, threads=args.threads,
                      seed=None if args.seed < 0 else args.seed, sparse=args.sparse,
-                     sparse_stats=args.sparse_stats) as rt:
+                     sparse_stats=args.sparse_stats, activations=args.activations) as rt:
             if args.predictor_threshold is not None:
                 rt.set_predictor_threshold(args.predictor_threshold)
             totals = _Totals(rt.timings.load_ms)

@@ -12,6 +12,10 @@ from .loader import LAYER_SLOTS, SPARSE_MODES, ModelSpec, transpose_down
 
 ERR_LEN = 512
 
+# How single-token mat-vecs read their input (prosparse.h, PS_ACTIVATIONS_*): float32, or
+# quantised to 8 bits for the weights whose type has an integer kernel (Q8_0, Q4_0, Q4_1).
+ACTIVATIONS = {"f32": lib.PS_ACTIVATIONS_F32, "q8": lib.PS_ACTIVATIONS_Q8}
+
 
 class NativeError(RuntimeError):
     """The C runtime refused an operation; the message says why."""
@@ -104,6 +108,25 @@ class NativeModel:
         if rc != 0:
             raise NativeError(ffi.string(err).decode(errors="replace"))
         return out if all_logits else out[0]
+
+    # --- activations ---------------------------------------------------------------------
+    @property
+    def activations(self) -> str:
+        mode = lib.ps_model_activations(self._ptr)
+        return next(k for k, v in ACTIVATIONS.items() if v == mode)
+
+    @activations.setter
+    def activations(self, mode: str) -> None:
+        if mode not in ACTIVATIONS:
+            raise ValueError(f"unknown activations mode {mode!r}; choose one of {', '.join(ACTIVATIONS)}")
+        err = ffi.new("char[]", ERR_LEN)
+        if lib.ps_model_set_activations(self._ptr, ACTIVATIONS[mode], err, ERR_LEN) != 0:
+            raise ValueError(ffi.string(err).decode(errors="replace"))
+
+    @property
+    def has_integer_weights(self) -> bool:
+        """Some matrix has an integer kernel: the "q8" mode changes something."""
+        return bool(lib.ps_model_has_integer_weights(self._ptr))
 
     # --- sparsity ------------------------------------------------------------------------
     @property

@@ -81,18 +81,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparse", choices=["dense", "exact", "predictor"], default=None,
                    help="FFN mode; anything but dense evaluates token by token (decode path)")
     p.add_argument("--predictor-threshold", type=float, default=None, metavar="T")
+    p.add_argument("--activations", choices=["auto", "f32", "q8"], default="auto",
+                   help="how token-by-token evaluation reads its input (default: auto, q8 for Q8_0/Q4_0/Q4_1 "
+                        "weights); an explicit q8 evaluates token by token, as batches read f32")
     args = p.parse_args(argv)
     try:
         with open(args.file, encoding="utf-8") as f:
             text = f.read()
-        with Runtime(args.model, n_ctx=args.ctx_size, threads=args.threads, sparse=args.sparse) as rt:
+        with Runtime(args.model, n_ctx=args.ctx_size, threads=args.threads, sparse=args.sparse,
+                     activations=args.activations) as rt:
             if args.predictor_threshold is not None:
                 rt.set_predictor_threshold(args.predictor_threshold)
             tokens = rt.tokenize(text, add_bos=False)
             start = time.perf_counter()
-            print(f"prosparse-perplexity: {len(tokens)} tokens, chunks of {args.ctx_size}, FFN mode {rt.sparse}",
-                  file=sys.stderr)
-            result = perplexity(rt, tokens, args.ctx_size, args.chunks, sequential=rt.sparse != "dense",
+            sequential = rt.sparse != "dense" or args.activations == "q8"
+            print(f"prosparse-perplexity: {len(tokens)} tokens, chunks of {args.ctx_size}, FFN mode {rt.sparse}, "
+                  f"activations {rt.activations if sequential else 'f32 (batches)'}", file=sys.stderr)
+            result = perplexity(rt, tokens, args.ctx_size, args.chunks, sequential=sequential,
                                 on_chunk=lambda c, ppl: print(f"[{c + 1}]{ppl:.4f},", end=" ", flush=True))
             print()
             print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_error:.5f}")

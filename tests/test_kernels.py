@@ -3,6 +3,9 @@
 - the scalar table against gguf-py's quantisers and dequantisers, bit for bit;
 - every SIMD table the CPU runs against its scalar twin, odd sizes included;
 - f16 conversions against numpy (all 65536 half bit patterns), bf16 against a float64 reference;
+- 8-bit activations: the quantiser of every ISA against numpy, byte for byte; the scalar int8
+  dots against a numpy model of ggml's quantise-then-integer-dot; every SIMD int8 dot against
+  its scalar twin;
 - lookups: row sizes, unknown types and ISAs, CPU detection.
 
 Every buffer a kernel touches is malloc'ed at exactly its size, so that under AddressSanitizer
@@ -31,12 +34,15 @@ TYPES = {
     "q4_1": (lib.PS_TYPE_Q4_1, GGMLQuantizationType.Q4_1),
 }
 QUANTISED = ("q8_0", "q4_0", "q4_1")
-ISAS = {"scalar": lib.PS_ISA_SCALAR, "avx2": lib.PS_ISA_AVX2, "avx512": lib.PS_ISA_AVX512,
-        "neon": lib.PS_ISA_NEON}
+ISAS = {"scalar": lib.PS_ISA_SCALAR, "avx2": lib.PS_ISA_AVX2, "avx2_vnni": lib.PS_ISA_AVX2_VNNI,
+        "avx512": lib.PS_ISA_AVX512, "avx512_vnni": lib.PS_ISA_AVX512_VNNI, "neon": lib.PS_ISA_NEON,
+        "neon_dotprod": lib.PS_ISA_NEON_DOTPROD}
 # the CPU features each ISA's kernels need, as /proc/cpuinfo spells them
-CPU_FLAGS = {"avx2": {"avx2", "fma", "f16c"},
-             "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"},
-             "neon": {"asimd"}}
+_AVX2 = {"avx2", "fma", "f16c"}
+_AVX512 = _AVX2 | {"avx512f", "avx512bw", "avx512vl"}
+CPU_FLAGS = {"avx2": _AVX2, "avx2_vnni": _AVX2 | {"avx_vnni"},
+             "avx512": _AVX512, "avx512_vnni": _AVX512 | {"avx512_vnni"},
+             "neon": {"asimd"}, "neon_dotprod": {"asimd", "asimddp"}}
 
 SIZES_PLAIN = [1, 3, 17, 31, 33, 63, 64, 65, 100, 1001, 1536]
 SIZES_BLOCKS = [32, 96, 160, 576, 1568]
@@ -339,6 +345,212 @@ def test_partial_block_is_not_read(isa_name, name, heap):
     y = axpy(t, 2.0, row, np.zeros(80, np.float32), heap)
     np.testing.assert_array_equal(y[64:], 0)
     np.testing.assert_array_equal(y[:64], axpy(t, 2.0, row, np.zeros(64, np.float32), heap))
+
+
+# ------------------------------------------------------------------------------------------
+# 8-bit activations: quantiser and integer dots
+
+Q8_BLOCK_COUNTS = [1, 2, 3, 5, 17, 18, 49]      # odd counts exercise the 2- and 4-block loops' tails
+Q8_MIN_AMAX = np.float32(1e-30)
+
+
+def quantize_q8(isa: int, x: np.ndarray, heap: Heap, n_blocks: int | None = None):
+    """x quantised by one ISA into exact-size buffers (n_blocks of them: default all of x's
+    whole blocks); returns the ps_q8_vec and its (qs, d, s) read back."""
+    nb = len(x) // 32 if n_blocks is None else n_blocks
+    vec = ffi.new("ps_q8_vec *", {"qs": heap.alloc(32 * nb, "int8_t *"), "d": heap.alloc(4 * nb, "float *"),
+                                  "s": heap.alloc(4 * nb, "float *")})
+    assert lib.ps_quantize_q8_isa(isa, heap.put(x.astype(np.float32), "float *"), vec, len(x)) == 0
+    return vec, (read(vec.qs, np.int8, 32 * nb), read(vec.d, np.float32, nb), read(vec.s, np.float32, nb))
+
+
+def numpy_quantize_q8(x: np.ndarray):
+    """The activation quantisation in float32 numpy: per block of 32, d = max|x| / 127,
+    qs = x * (127 / max|x|) rounded half to even, s = d * sum(qs); a block below 1e-30 is zero."""
+    b = x.astype(np.float32).reshape(-1, 32)
+    amax = np.abs(b).max(axis=1)
+    ok = amax >= Q8_MIN_AMAX
+    inv = np.where(ok, np.float32(127) / np.where(ok, amax, np.float32(1)), np.float32(0)).astype(np.float32)
+    d = np.where(ok, amax / np.float32(127), np.float32(0)).astype(np.float32)
+    qs = np.rint(b * inv[:, None]).astype(np.int8)
+    s = (d * qs.astype(np.int32).sum(axis=1).astype(np.float32)).astype(np.float32)
+    return qs.reshape(-1), d, s
+
+
+def weight_codes(name: str, row: np.ndarray):
+    """Per block of a quantised row: the integer codes (n_blocks, 32) as ggml's dot uses them
+    (Q4_0: nibble - 8), d, and m (Q4_1; else None), all float32."""
+    block_bytes = GGML_QUANT_SIZES[TYPES[name][1]][1]
+    blocks = row.reshape(-1, block_bytes)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32).reshape(-1)
+    if name == "q8_0":
+        return blocks[:, 2:].copy().view(np.int8).astype(np.int64), d, None
+    nibbles = blocks[:, -16:].astype(np.int64)
+    codes = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=1)
+    if name == "q4_0":
+        return codes - 8, d, None
+    return codes, d, blocks[:, 2:4].copy().view(np.float16).astype(np.float32).reshape(-1)
+
+
+def numpy_dot_q8(name: str, row: np.ndarray, qs: np.ndarray, d: np.ndarray, s: np.ndarray):
+    """ggml's reference dot of a weight row with quantised activations (ggml_vec_dot_q8_0_q8_0,
+    _q4_0_q8_0, _q4_1_q8_1): an exact integer sum per block, then
+    sum += isum * (d_w * d_x) [+ m * s for Q4_1], in float32, block by block.
+    Returns the sum and the scale of its rounding error (sum of |block products|)."""
+    codes, wd, wm = weight_codes(name, row)
+    isum = (codes * qs.reshape(-1, 32).astype(np.int64)).sum(axis=1)
+    terms = isum.astype(np.float32) * (wd * d)
+    if wm is not None:
+        terms = terms + wm * s
+    total = np.float32(0)
+    for t in terms:
+        total = np.float32(total + t)
+    abs_qs = np.abs(qs.reshape(-1, 32)).astype(np.int64)
+    magnitude = (np.abs(codes) * abs_qs).sum(axis=1) * np.abs(wd * d)
+    if wm is not None:
+        magnitude = magnitude + np.abs(wm * s)
+    if name == "q4_0":           # the SIMD kernels split the codes: nibble * x, then -8 * s
+        magnitude = magnitude + 8 * abs_qs.sum(axis=1) * np.abs(wd * d)
+    return float(total), float(magnitude.sum()) + 1e-30
+
+
+def dot_q8(t, row: np.ndarray, vec, n: int, heap: Heap) -> float:
+    return t.dot_q8(heap.put(row, "void *"), vec, n)
+
+
+def q8_activation_cases(rng: np.random.Generator, n_blocks: int) -> np.ndarray:
+    """Random blocks of varying scale, then special blocks over the first ones: zeros, a
+    block below the 1e-30 floor, rounding ties (max 127: x * 127/max = x), one negative
+    spike, huge values."""
+    x = random_floats(rng, 32 * n_blocks)
+    special = [np.zeros(32), np.full(32, 1e-31) * rng.choice([-1, 1], 32),
+               np.concatenate([[127.0], np.arange(31) - 15.5]),      # halves: ties to even
+               np.concatenate([[-5.0], rng.uniform(-1, 1, 31)]),
+               rng.standard_normal(32) * 1e30]
+    for i, block in enumerate(special[:n_blocks]):
+        x[32 * i:32 * i + 32] = block
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+def test_quantize_q8_matches_numpy(isa_name, heap):
+    isa = require_isa(isa_name)
+    rng = np.random.default_rng(11)
+    for nb in Q8_BLOCK_COUNTS:
+        x = q8_activation_cases(rng, nb)
+        _, got = quantize_q8(isa, x, heap)
+        for name, g, e in zip(("qs", "d", "s"), got, numpy_quantize_q8(x)):
+            np.testing.assert_array_equal(g, e, err_msg=f"{name} blocks={nb}")
+    # the ties really are there, and round to even
+    qs, _, _ = numpy_quantize_q8(q8_activation_cases(rng, 3))
+    assert list(qs[64 + 1:64 + 5]) == [-16, -14, -14, -12]
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+def test_quantize_q8_writes_whole_blocks_only(isa_name, heap):
+    """A partial block at the end (a caller's bug) is not quantised: buffers sized for the
+    whole blocks are not overrun (AddressSanitizer watches them)."""
+    isa = require_isa(isa_name)
+    x = random_floats(np.random.default_rng(12), 80)
+    _, got = quantize_q8(isa, x, heap, n_blocks=2)
+    for g, e in zip(got, numpy_quantize_q8(x[:64])):
+        np.testing.assert_array_equal(g, e)
+
+
+@pytest.mark.parametrize("name", QUANTISED)
+def test_scalar_dot_q8_matches_numpy_ggml_reference(name, heap):
+    t = traits(name, lib.PS_ISA_SCALAR)
+    rng = np.random.default_rng(13)
+    for nb in Q8_BLOCK_COUNTS:
+        n = 32 * nb
+        row = random_row(name, n, rng, heap)
+        vec, (qs, d, s) = quantize_q8(lib.PS_ISA_SCALAR, q8_activation_cases(rng, nb), heap)
+        expected, magnitude = numpy_dot_q8(name, row, qs, d, s)
+        assert abs(dot_q8(t, row, vec, n, heap) - expected) <= 1e-6 * magnitude, f"blocks={nb}"
+
+
+@pytest.mark.parametrize("name", QUANTISED)
+def test_dot_q8_is_close_to_the_float_dot(name, heap):
+    """Quantising the activations costs at most a few half-steps of the 8-bit grid per block."""
+    ref = traits(name, lib.PS_ISA_SCALAR)
+    rng = np.random.default_rng(14)
+    n = 32 * 18
+    row = random_row(name, n, rng, heap)
+    x = rng.standard_normal(n).astype(np.float32)
+    vec, (_, d, _) = quantize_q8(lib.PS_ISA_SCALAR, x, heap)
+    w = to_float(ref, row, n, heap).astype(np.float64)
+    bound = (np.abs(w).reshape(-1, 32).sum(axis=1) * d / 2).sum()   # |x - x_q| <= d/2
+    err = abs(dot_q8(ref, row, vec, n, heap) - w @ x)
+    assert err <= bound
+    assert err > 0                                                   # it is not the float dot
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("name", TYPES)
+def test_dot_q8_only_for_integer_types(isa_name, name):
+    isa = require_isa(isa_name)
+    assert (traits(name, isa).dot_q8 != ffi.NULL) == (name in QUANTISED)
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("name", QUANTISED)
+def test_simd_dot_q8_matches_scalar(isa_name, name, heap):
+    isa = require_isa(isa_name)
+    ref, t = traits(name, lib.PS_ISA_SCALAR), traits(name, isa)
+    rng = np.random.default_rng(15)
+    for nb in Q8_BLOCK_COUNTS:
+        n = 32 * nb
+        row = random_row(name, n, rng, heap)
+        vec, (qs, d, s) = quantize_q8(isa, q8_activation_cases(rng, nb), heap)
+        _, magnitude = numpy_dot_q8(name, row, qs, d, s)
+        got, expected = dot_q8(t, row, vec, n, heap), dot_q8(ref, row, vec, n, heap)
+        assert abs(got - expected) <= 1e-6 * magnitude, f"blocks={nb}: {got} vs {expected}"
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("name", QUANTISED)
+def test_dot_q8_sees_every_element(isa_name, name, heap):
+    """x = 127 at position j, zero elsewhere: d = 1 and qs[j] = 127, so the dot is 127 * w[j]."""
+    isa = require_isa(isa_name)
+    t = traits(name, isa)
+    rng = np.random.default_rng(16)
+    for nb in (1, 3, 5):
+        n = 32 * nb
+        row = random_row(name, n, rng, heap)
+        w = to_float(traits(name, lib.PS_ISA_SCALAR), row, n, heap).astype(np.float64)
+        for j in range(n):
+            e = np.zeros(n, np.float32)
+            e[j] = 127.0
+            vec, (qs, d, s) = quantize_q8(isa, e, heap)
+            _, magnitude = numpy_dot_q8(name, row, qs, d, s)
+            assert abs(dot_q8(t, row, vec, n, heap) - 127 * w[j]) <= 1e-6 * magnitude, f"n={n} j={j}"
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("name", QUANTISED)
+def test_dot_q8_corrupted_block_changes_result(isa_name, name, heap):
+    isa = require_isa(isa_name)
+    t = traits(name, isa)
+    rng = np.random.default_rng(17)
+    n = 160
+    row = random_row(name, n, rng, heap)
+    vec, _ = quantize_q8(isa, rng.standard_normal(n).astype(np.float32), heap)
+    base = dot_q8(t, row, vec, n, heap)
+    for byte in (2 * t.block_bytes + 1, len(row) - 1):   # block 2's d exponent, the last code byte
+        changed = row.copy()
+        changed[byte] ^= 0x14
+        assert dot_q8(t, changed, vec, n, heap) != base, byte
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("name", QUANTISED)
+def test_dot_q8_partial_block_is_not_read(isa_name, name, heap):
+    isa = require_isa(isa_name)
+    t = traits(name, isa)
+    rng = np.random.default_rng(18)
+    row = random_row(name, 64, rng, heap)
+    vec, _ = quantize_q8(isa, rng.standard_normal(64).astype(np.float32), heap)
+    assert dot_q8(t, row, vec, 80, heap) == dot_q8(t, row, vec, 64, heap)
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
-/* Mat-vec throughput of every type x ISA: dot and axpy over the rows of a (rows, cols) matrix,
- * as the forward pass uses them. Reports weight bytes streamed per second.
+/* Mat-vec throughput of every type x ISA: dot, axpy and (integer types) dot_q8 over the rows of
+ * a (rows, cols) matrix, as the forward pass uses them. Reports weight bytes streamed per
+ * second. The dot_q8 figure includes quantising x once per pass, as the forward pass does once
+ * per mat-vec. Time is this thread's CPU time, so that other processes sharing the core (a
+ * busy machine) slow the figures less.
  *
  *   gcc -std=c11 -O3 -pthread -Inative native/bench/bench_kernels.c native/kernels.c -lm \
  *       -o /tmp/bench_kernels && /tmp/bench_kernels [rows cols]      (default 1536 576)
@@ -11,23 +14,30 @@
 #include <stdlib.h>
 #include <time.h>
 
+enum { DOT, AXPY, DOT_Q8 };
+
 static double now_s(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 /* best of 5 runs of enough passes over the matrix to take ~20 ms each; returns seconds/pass */
-static double time_pass(const ps_type_traits *t, int axpy, const char *w, size_t row_bytes,
-                        int rows, int cols, const float *x, float *y) {
+static double time_pass(const ps_type_traits *t, int isa, int kernel, const char *w, size_t row_bytes,
+                        int rows, int cols, const float *x, const ps_q8_vec *xq, float *y) {
     double best = 1e30;
     for (int rep = 0; rep < 5; rep++) {
         int passes = 0;
         const double t0 = now_s();
         do {
+            if (kernel == DOT_Q8) ps_quantize_q8_isa(isa, x, xq, cols);
             for (int r = 0; r < rows; r++) {
-                if (axpy) t->axpy(x[r % cols] * 1e-3f, w + r * row_bytes, y, cols);
-                else      y[r % cols] += t->dot(w + r * row_bytes, x, cols);
+                const char *row = w + r * row_bytes;
+                switch (kernel) {
+                case DOT:  y[r % cols] += t->dot(row, x, cols); break;
+                case AXPY: t->axpy(x[r % cols] * 1e-3f, row, y, cols); break;
+                default:   y[r % cols] += t->dot_q8(row, xq, cols); break;
+                }
             }
             passes++;
         } while (now_s() - t0 < 0.02);
@@ -39,14 +49,19 @@ static double time_pass(const ps_type_traits *t, int axpy, const char *w, size_t
 
 int main(int argc, char **argv) {
     const int rows = argc > 2 ? atoi(argv[1]) : 1536, cols = argc > 2 ? atoi(argv[2]) : 576;
+    if (rows <= 0 || cols <= 0 || cols % 32 != 0) {
+        fprintf(stderr, "rows must be positive and cols a positive multiple of 32\n");
+        return 1;
+    }
     const int types[] = { PS_TYPE_F32, PS_TYPE_F16, PS_TYPE_BF16, PS_TYPE_Q8_0, PS_TYPE_Q4_0, PS_TYPE_Q4_1 };
     float *src = malloc(sizeof(float) * rows * cols), *x = malloc(sizeof(float) * cols), *y = calloc(cols, sizeof(float));
+    const ps_q8_vec xq = { malloc(cols), malloc(sizeof(float) * (cols / 32)), malloc(sizeof(float) * (cols / 32)) };
     for (long i = 0; i < (long)rows * cols; i++) src[i] = (float)((i * 7919) % 2001 - 1000) * 1e-3f;
     for (int i = 0; i < cols; i++) x[i] = (float)(i % 13) - 6.0f;
 
-    printf("%d x %d, GB/s of weights (dot / axpy)\n%-6s", rows, cols, "");
+    printf("%d x %d, GB/s of weights: dot / axpy / dot_q8 (integer types)\n%-6s", rows, cols, "");
     for (int isa = 0; isa < PS_ISA_COUNT; isa++)
-        if (ps_kernels_isa_available(isa)) printf(" %17s", ps_kernels_isa_name(isa));
+        if (ps_kernels_isa_available(isa)) printf(" %24s", ps_kernels_isa_name(isa));
     printf("\n");
     for (size_t k = 0; k < sizeof(types) / sizeof(types[0]); k++) {
         const ps_type_traits *ref = ps_type_traits_for(types[k], PS_ISA_SCALAR);
@@ -58,13 +73,15 @@ int main(int argc, char **argv) {
             const ps_type_traits *t = ps_type_traits_for(types[k], isa);
             if (!t) continue;
             const double gb = row_bytes * rows * 1e-9;
-            printf("   %6.1f / %6.1f", gb / time_pass(t, 0, w, row_bytes, rows, cols, x, y),
-                   gb / time_pass(t, 1, w, row_bytes, rows, cols, x, y));
+            printf("   %6.1f / %6.1f", gb / time_pass(t, isa, DOT, w, row_bytes, rows, cols, x, &xq, y),
+                   gb / time_pass(t, isa, AXPY, w, row_bytes, rows, cols, x, &xq, y));
+            if (t->dot_q8) printf(" / %6.1f", gb / time_pass(t, isa, DOT_Q8, w, row_bytes, rows, cols, x, &xq, y));
+            else           printf("   %6s", "-");
         }
         printf("\n");
         free(w);
     }
     fprintf(stderr, "(checksum %g)\n", (double)y[0]);
-    free(src); free(x); free(y);
+    free(src); free(x); free(y); free(xq.qs); free(xq.d); free(xq.s);
     return 0;
 }

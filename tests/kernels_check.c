@@ -1,0 +1,128 @@
+/* Every kernel table this machine runs against the scalar one, for machines pytest cannot load
+ * the extension on: tests/test_kernels_cross.py builds this with a cross compiler and runs it
+ * under qemu (the NEON and NEON-dotprod tables on an x86 host). test_kernels.py is the full
+ * suite; this is its twin checks, in C:
+ *   to_float equal (as numbers); dot within 1e-5 of sum |w x|; axpy within a few roundings;
+ *   quantize_q8 byte for byte; dot_q8 within 1e-5 of the block-wise magnitude.
+ * Prints one line per ISA ("<isa> ok <checks>" or the first failure) and "available: ..."; the
+ * exit status is the number of failing ISAs. */
+#include "kernels.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+
+static uint32_t next_u32(void) { /* xorshift64* */
+    rng_state ^= rng_state >> 12, rng_state ^= rng_state << 25, rng_state ^= rng_state >> 27;
+    return (uint32_t)((rng_state * 0x2545f4914f6cdd1dull) >> 32);
+}
+
+static float uniform(void) { return (float)(next_u32() >> 8) * 0x1p-24f * 2.0f - 1.0f; }
+
+/* values whose scale changes block to block, as test_kernels.random_floats */
+static void random_floats(float *x, int64_t n) {
+    float scale = 1.0f;
+    for (int64_t i = 0; i < n; i++) {
+        if (i % 32 == 0) scale = expf(7.0f * uniform());
+        x[i] = uniform() * scale;
+    }
+}
+
+static const int TYPES[] = { PS_TYPE_F32, PS_TYPE_F16, PS_TYPE_BF16, PS_TYPE_Q8_0, PS_TYPE_Q4_0, PS_TYPE_Q4_1 };
+static const int64_t SIZES[] = { 32, 96, 160, 576, 1568 };
+
+/* a row of type t: quantised random floats, then (quantised types) random code bytes, the
+ * block's scales kept (the codes are the block's last bytes) */
+static void random_row(const ps_type_traits *ref, void *row, int64_t n, float *tmp) {
+    random_floats(tmp, n);
+    ref->from_float(tmp, row, n);
+    if (ref->block_size == 1) return;
+    const size_t codes = ref->name[1] == '8' ? 32 : 16;
+    for (int64_t b = 0; b < n / 32; b++) {
+        unsigned char *block = (unsigned char *)row + b * ref->block_bytes;
+        for (size_t j = ref->block_bytes - codes; j < ref->block_bytes; j++) block[j] = (unsigned char)next_u32();
+    }
+}
+
+static int fail(const char *isa, const char *what, int type, int64_t n, double got, double want) {
+    printf("%s FAIL %s type %d n %lld: %.9g vs %.9g\n", isa, what, type, (long long)n, got, want);
+    return 1;
+}
+
+static int check_isa(int isa) {
+    const char *name = ps_kernels_isa_name(isa);
+    long checks = 0;
+    const int64_t max_n = 1568;
+    float *x = malloc(sizeof(float) * max_n), *w = malloc(sizeof(float) * max_n), *w2 = malloc(sizeof(float) * max_n);
+    float *y = malloc(sizeof(float) * max_n), *y_ref = malloc(sizeof(float) * max_n), *tmp = malloc(sizeof(float) * max_n);
+    void *row = malloc(sizeof(float) * max_n);
+    int8_t *qs = malloc(max_n), *qs_ref = malloc(max_n);
+    float *d = malloc(sizeof(float) * max_n / 32), *s = malloc(sizeof(float) * max_n / 32);
+    float *d_ref = malloc(sizeof(float) * max_n / 32), *s_ref = malloc(sizeof(float) * max_n / 32);
+    const ps_q8_vec xq = { qs, d, s }, xq_ref = { qs_ref, d_ref, s_ref };
+    int failed = 0;
+    for (size_t k = 0; k < sizeof TYPES / sizeof TYPES[0] && !failed; k++) {
+        const ps_type_traits *ref = ps_type_traits_for(TYPES[k], PS_ISA_SCALAR), *t = ps_type_traits_for(TYPES[k], isa);
+        for (size_t si = 0; si < sizeof SIZES / sizeof SIZES[0] && !failed; si++) {
+            const int64_t n = SIZES[si];
+            random_row(ref, row, n, tmp);
+            random_floats(x, n);
+            ref->to_float(row, w, n);
+            t->to_float(row, w2, n);
+            for (int64_t i = 0; i < n && !failed; i++) /* equal; a zero's sign may differ (8d - 8d) */
+                if (w[i] != w2[i]) failed = fail(name, "to_float", TYPES[k], n, w2[i], w[i]);
+            double mag = 0.0;
+            for (int64_t i = 0; i < n; i++) mag += fabs((double)w[i] * x[i]);
+            const double got = t->dot(row, x, n), want = ref->dot(row, x, n);
+            if (fabs(got - want) > 1e-5 * mag + 1e-30) { failed = fail(name, "dot", TYPES[k], n, got, want); break; }
+            for (int64_t i = 0; i < n; i++) y[i] = y_ref[i] = x[i];
+            t->axpy(1.7f, row, y, n);
+            ref->axpy(1.7f, row, y_ref, n);
+            for (int64_t i = 0; i < n && !failed; i++)
+                if (fabs((double)y[i] - y_ref[i]) > 1e-6 * (fabs(x[i]) + fabs(1.7 * w[i])) + 1e-30)
+                    failed = fail(name, "axpy", TYPES[k], n, y[i], y_ref[i]);
+            checks += 3;
+            if (!ref->dot_q8 || failed) continue;
+            /* activations: the same bytes from every quantiser */
+            ps_quantize_q8_isa(PS_ISA_SCALAR, x, &xq_ref, n);
+            ps_quantize_q8_isa(isa, x, &xq, n);
+            if (memcmp(qs, qs_ref, (size_t)n) != 0 || memcmp(d, d_ref, sizeof(float) * (n / 32)) != 0 ||
+                memcmp(s, s_ref, sizeof(float) * (n / 32)) != 0) {
+                failed = fail(name, "quantize_q8", TYPES[k], n, 0, 0);
+                break;
+            }
+            /* magnitude: per block, (largest |w| + 8 |d|-sized offsets, bounded by 16 max|w|)
+             * times sum |x_q| */
+            double qmag = 0.0;
+            for (int64_t b = 0; b < n / 32; b++) {
+                double wmax = 0.0, xsum = 0.0;
+                for (int j = 0; j < 32; j++) {
+                    wmax = fmax(wmax, fabs(w[32 * b + j]));
+                    xsum += fabs((double)qs[32 * b + j] * d[b]);
+                }
+                qmag += 16.0 * wmax * xsum;
+            }
+            const double got_q8 = t->dot_q8(row, &xq, n), want_q8 = ref->dot_q8(row, &xq, n);
+            if (fabs(got_q8 - want_q8) > 1e-6 * qmag + 1e-30) { failed = fail(name, "dot_q8", TYPES[k], n, got_q8, want_q8); break; }
+            checks += 2;
+        }
+    }
+    if (!failed) printf("%s ok %ld\n", name, checks);
+    free(x); free(w); free(w2); free(y); free(y_ref); free(tmp); free(row);
+    free(qs); free(qs_ref); free(d); free(s); free(d_ref); free(s_ref);
+    return failed;
+}
+
+int main(void) {
+    int failures = 0;
+    printf("available:");
+    for (int isa = 0; isa < PS_ISA_COUNT; isa++)
+        if (ps_kernels_isa_available(isa)) printf(" %s", ps_kernels_isa_name(isa));
+    printf("\n");
+    for (int isa = 0; isa < PS_ISA_COUNT; isa++)
+        if (ps_kernels_isa_available(isa)) failures += check_isa(isa);
+    return failures;
+}
