@@ -923,38 +923,33 @@ TARGET_AVX512 INLINE void q8_operands_avx512(const void *row, int64_t c, const i
     }
 }
 
-/* vpermw index spreading the f16 fields of a block pair whose blocks are `words` apart: d0 to
- * words 0-7, d1 to 8-15, the second field (Q4_1's m) of each block to 16-23 and 24-31 */
-TARGET_AVX512 INLINE __m512i halves_index(int words) {
-    const short a = 0, b = (short)words, m = 1, n = (short)(words + 1);
-    return _mm512_set_epi16(n, n, n, n, n, n, n, n, m, m, m, m, m, m, m, m,
-                            b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a);
+/* floats 0 and 1 of v in lanes 0-7 and 8-15 */
+TARGET_AVX512 INLINE __m512 pair_lanes(__m128 v) {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                 _mm512_castps128_ps512(v));
 }
 
-/* floats v[0] and v[1] (v[0] alone when !two) in lanes 0-7 and 8-15 (then zero) */
-TARGET_AVX512 INLINE __m512 pair_lanes(const float *v, int two) {
-    const __m128 p = two ? _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)v)) : _mm_load_ss(v);
-    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
-                                 _mm512_castps128_ps512(p));
+/* v[0] and v[1] (v[0] and 0 when !two) */
+TARGET_AVX512 INLINE __m128 load_pair(const float *v, int two) {
+    return two ? _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)v)) : _mm_load_ss(v);
 }
 
 /* The lanes' scales: weight d * x's d of block c in lanes 0-7, of block c+1 in 8-15 (zero
  * when !two). For Q4, *off += (d, or Q4_1's m) * x's s in the same lanes: eight copies of each
- * block's offset term (dot_q8_avx512 scales the lane sum back). One load brings both blocks'
- * f16 fields, one vpermw spreads them over their lanes. */
+ * block's offset term (dot_q8_avx512 scales the lane sum back). The f16 fields of both blocks
+ * are converted by one vcvtph2ps. */
 TARGET_AVX512 INLINE __m512 q8_scales_avx512(const void *row, const ps_q8_vec *x, int64_t c, int type, int two,
                                              __m512 *off) {
-    const int words = (int)(type == PS_TYPE_Q8_0 ? sizeof(block_q8_0) : type == PS_TYPE_Q4_0 ? sizeof(block_q4_0)
-                                                                                              : sizeof(block_q4_1)) / 2;
-    /* the words up to block c+1's second field (block c's first two alone) */
-    const __mmask32 load_mask = two ? (__mmask32)((1u << (words + 2)) - 1) : (__mmask32)3;
-    const __m512i raw = _mm512_maskz_loadu_epi16(load_mask, (const uint16_t *)row + c * words);
-    const __m512i halves = _mm512_permutexvar_epi16(halves_index(words), raw);
-    const __m512 d = _mm512_cvtph_ps(_mm512_castsi512_si256(halves));
-    if (type == PS_TYPE_Q4_0) *off = _mm512_fmadd_ps(d, pair_lanes(x->s + c, two), *off);
-    if (type == PS_TYPE_Q4_1)
-        *off = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(halves, 1)), pair_lanes(x->s + c, two), *off);
-    return _mm512_mul_ps(d, pair_lanes(x->d + c, two));
+    uint16_t d0, m0, d1 = 0, m1 = 0;
+    block_halves(row, c, type, &d0, &m0);
+    if (two) block_halves(row, c + 1, type, &d1, &m1);
+    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)((uint64_t)d0 | (uint64_t)d1 << 16 |
+                                                                (uint64_t)m0 << 32 | (uint64_t)m1 << 48)));
+    if (type != PS_TYPE_Q8_0) {
+        const __m128 coef = type == PS_TYPE_Q4_0 ? dm : _mm_movehl_ps(dm, dm); /* d0 d1, or m0 m1 */
+        *off = _mm512_add_ps(*off, pair_lanes(_mm_mul_ps(coef, load_pair(x->s + c, two))));
+    }
+    return pair_lanes(_mm_mul_ps(dm, load_pair(x->d + c, two)));
 }
 
 TARGET_AVX512 INLINE __m512i mul_sum_avx512(__m512i u, __m512i s) {
@@ -972,21 +967,22 @@ TARGET_AVX512 INLINE __m512i mul_sum_avx512(__m512i u, __m512i s) {
                                q8_scales_avx512(row, x, c, type, two, off), acc);              \
     }                                                                                          \
     TARGET INLINE float dot_q8_##isa(const void *row, const ps_q8_vec *x, int64_t nb, int type) { \
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), off = _mm512_setzero_ps(); \
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                         \
+        __m512 off0 = _mm512_setzero_ps(), off1 = _mm512_setzero_ps();                         \
         int64_t c = 0;                                                                         \
         for (; c + 4 <= nb; c += 4) {                                                          \
-            acc0 = q8_step_##isa(row, x, c, type, 1, acc0, &off);                              \
-            acc1 = q8_step_##isa(row, x, c + 2, type, 1, acc1, &off);                          \
+            acc0 = q8_step_##isa(row, x, c, type, 1, acc0, &off0);                             \
+            acc1 = q8_step_##isa(row, x, c + 2, type, 1, acc1, &off1);                         \
         }                                                                                      \
         if (c + 2 <= nb) {                                                                     \
-            acc0 = q8_step_##isa(row, x, c, type, 1, acc0, &off);                              \
+            acc0 = q8_step_##isa(row, x, c, type, 1, acc0, &off0);                             \
             c += 2;                                                                            \
         }                                                                                      \
-        if (c < nb) acc1 = q8_step_##isa(row, x, c, type, 0, acc1, &off);                      \
-        const float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));                     \
-        if (type == PS_TYPE_Q4_0) return sum - _mm512_reduce_add_ps(off);                      \
-        if (type == PS_TYPE_Q4_1) return sum + 0.125f * _mm512_reduce_add_ps(off);             \
-        return sum;                                                                            \
+        if (c < nb) acc1 = q8_step_##isa(row, x, c, type, 0, acc1, &off1);                     \
+        const __m512 acc = _mm512_add_ps(acc0, acc1), off = _mm512_add_ps(off0, off1);         \
+        if (type == PS_TYPE_Q4_0) return _mm512_reduce_add_ps(_mm512_sub_ps(acc, off));        \
+        if (type == PS_TYPE_Q4_1) return _mm512_reduce_add_ps(_mm512_fmadd_ps(off, _mm512_set1_ps(0.125f), acc)); \
+        return _mm512_reduce_add_ps(acc);                                                      \
     }
 
 DOT_Q8_AVX512(TARGET_AVX512, avx512, mul_sum_avx512)
