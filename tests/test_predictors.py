@@ -215,7 +215,8 @@ def test_tiny_relu_model_to_predictor_mode_gguf(tmp_path):
                  "--epochs", "8", "--batch-size", "256", "--lr", "5e-3", "--threads", "1"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] and len(report["layers"]) == 2
-    assert report["predictor_bytes_per_token"]["per_layer"] == 32 * (64 + 192) * 2
+    # the default type is q8_0: 34-byte blocks of 32; fc1 has 32 rows of 64, fc2 192 rows of 32
+    assert report["predictor_bytes_per_token"]["per_layer"] == 32 * 2 * 34 + 192 * 1 * 34
     assert (out / "REPORT.md").read_text().startswith("# Predictors for")
     mean = report["averages"]
     assert mean["recall"] > 0.93 and mean["predicted_sparsity"] > 0.2
