@@ -18,7 +18,7 @@
 #include <string.h>
 
 /* Prompt tokens are processed in chunks of at most this many (bounds the scratch memory). */
-#define MAX_BATCH 64
+#define MAX_BATCH 128
 /* Rows handed out to a thread at a time by a mat-mat (the tile a thread dequantises). */
 #define ROW_CHUNK 16
 /* A mat-vec hands out larger chunks, about this many per thread: every take is an atomic on a
@@ -185,6 +185,10 @@ static void matmul_rows(const matmul_target *t, const float *in, const ps_q8_vec
         for (int64_t j = j0; j < j1; j++) tt->to_float(base + (size_t)j * row_bytes, tile + (j - j0) * n, n);
         a = tile;
     }
+    /* the next tile's rows (this thread's or another's next take) start arriving while this
+     * one multiplies: each tile's rows are read once per chunk, mostly from memory, and the
+     * dequantisation above otherwise waits for them */
+    for (int64_t j = j1; j < j1 + (j1 - j0) && j < rows; j++) prefetch_row(base + (size_t)j * row_bytes, row_bytes);
     ps_gemm_nt_f32(a, n, j1 - j0, in, n, batch, n, t->out + j0, rows);
 }
 
@@ -433,20 +437,43 @@ static void ffn_sparse_tail(ps_model *m, const ps_layer_weights *l, mat_input *x
     }
 }
 
+/* hb = act(gate) * up over a batch, in equal slices per thread (a prompt's expf calls are
+ * several percent of its time: serial, they held the other thread waiting) */
+typedef struct {
+    ps_model *m;
+    int64_t n;                   /* batch * n_ff */
+    atomic_llong n_active;       /* nonzero activations, summed over threads */
+} gate_job;
+
+static void gate_task(void *ctx, int ith, int nth) {
+    gate_job *job = ctx;
+    const ps_config *c = &job->m->c;
+    float *hb = job->m->hb;
+    const float *up = job->m->hb2;
+    /* slice bounds on multiples of 16 floats, so no two threads write one cache line */
+    const int64_t lines = (job->n + 15) / 16;
+    const int64_t i0 = lines * ith / nth * 16, i1 = lines * (ith + 1) / nth * 16;
+    int64_t n_active = 0;
+    for (int64_t i = i0; i < i1 && i < job->n; i++) {
+        const float a = gate_activation(c, hb[i]);
+        n_active += a != 0.0f;
+        hb[i] = a * up[i];
+    }
+    atomic_fetch_add(&job->n_active, n_active);
+}
+
 static void ffn_dense(ps_model *m, const ps_layer_weights *l, mat_input *xb, int batch, ps_layer_stats *st) {
     const ps_config *c = &m->c;
     matmul_target gate_up[2] = { all_rows(&l->ffn_gate, m->hb), all_rows(&l->ffn_up, m->hb2) };
     matmul(m, gate_up, 2, xb, batch);
     const int64_t n = (int64_t)batch * c->n_ff;
-    int64_t n_active = 0;
-    for (int64_t i = 0; i < n; i++) {
-        const float a = gate_activation(c, m->hb[i]);
-        n_active += a != 0.0f;
-        m->hb[i] = a * m->hb2[i];
-    }
+    gate_job job = { .m = m, .n = n };
+    atomic_init(&job.n_active, 0);
+    if (batch > 1) ps_threadpool_run(m->pool, gate_task, &job);
+    else gate_task(&job, 0, 1);   /* one token's n_ff values: less than a dispatch costs */
     if (st) {
         st->n_tokens += batch;
-        st->n_active += n_active;
+        st->n_active += atomic_load(&job.n_active);
         st->n_computed += n;
     }
     mat_input hin = input_of(m->hb, &m->hb_q8);

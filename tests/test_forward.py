@@ -70,12 +70,29 @@ def test_stored_types_match_transformers_on_the_stored_weights(tmp_path, outtype
 def test_batched_prompt_equals_token_by_token_and_threads_agree(tmp_path):
     model = tiny_llama(K.ACT_RELU, seed=1)
     path = to_gguf(model, tmp_path / "m.gguf", "q8_0", K.ACT_RELU)
-    prompt = [(7 * i + 3) % 320 for i in range(150)]          # > one 64-token chunk
+    prompt = [(7 * i + 3) % 320 for i in range(150)]          # > one 128-token chunk
     with Runtime(path, n_ctx=256, threads=1, activations="f32") as rt1, \
             Runtime(path, n_ctx=256, threads=2, activations="f32") as rt2:
         batched = rt2.evaluate(prompt)
         one_by_one = np.stack([rt1._model.eval([t], i) for i, t in enumerate(prompt)])
     assert rel_err(batched, one_by_one) <= 1e-5
+
+
+def test_batched_prompt_counts_the_same_activity_on_two_threads(tmp_path):
+    """A batch's activation counts are summed over the threads that computed them."""
+    model = tiny_llama(K.ACT_RELU, seed=3)
+    path = to_gguf(model, tmp_path / "m.gguf", "f32", K.ACT_RELU)
+    prompt = [(11 * i + 1) % 320 for i in range(150)]        # two chunks, the first full
+    with Runtime(path, n_ctx=256, threads=2, sparse="dense", sparse_stats=True, activations="f32") as rt2, \
+            Runtime(path, n_ctx=256, threads=1, sparse="dense", sparse_stats=True, activations="f32") as rt1:
+        rt2.evaluate(prompt)
+        rt1.evaluate(prompt, sequential=True)
+        batched, one_by_one = rt2.sparsity().layers, rt1.sparsity().layers
+    for b, o in zip(batched, one_by_one, strict=True):
+        assert b.n_tokens == o.n_tokens == len(prompt)
+        assert b.n_computed == o.n_computed == len(prompt) * o.n_ff
+        assert abs(b.n_active - o.n_active) <= 2                 # gates within rounding of 0
+        assert 0 < o.n_active < o.n_computed
 
 
 def test_long_prompt_matches_transformers(tmp_path):
