@@ -47,6 +47,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -391,22 +392,16 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _mode_list(text: str) -> list[str]:
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        raise argparse.ArgumentTypeError(f"unknown sparse mode {bad[0] if bad else text!r}; "
-                                         f"choose from {', '.join(MODES)}")
-    return modes
-
-
-def _activations_list(text: str) -> list[str]:
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in ACTIVATION_MODES]
-    if bad or not modes:
-        raise argparse.ArgumentTypeError(f"unknown activations mode {bad[0] if bad else text!r}; "
-                                         f"choose from {', '.join(ACTIVATION_MODES)}")
-    return modes
+def _choice_list(kind: str, choices) -> Callable[[str], list[str]]:
+    """argparse type: a comma-separated list of `kind` values, each one of `choices`."""
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"unknown {kind} {bad[0] if bad else text!r}; "
+                                             f"choose from {', '.join(choices)}")
+        return values
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -424,11 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=_int_list, default=None, metavar="N[,N...]",
                    help=f"thread counts (default: physical cores, {physical_cores()})")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions of each test (default: 5)")
-    p.add_argument("--sparse", type=_mode_list, default=None, metavar="MODE[,MODE...]",
+    p.add_argument("--sparse", type=_choice_list("sparse mode", MODES), default=None, metavar="MODE[,MODE...]",
                    help="FFN modes: dense, exact, predictor (default: those the file supports)")
     p.add_argument("--predictor-threshold", type=float, default=None, metavar="T",
                    help="predictor decision threshold for every layer in predictor mode (default: the file's)")
-    p.add_argument("--activations", type=_activations_list, default=["auto"], metavar="MODE[,MODE...]",
+    p.add_argument("--activations", type=_choice_list("activations mode", ACTIVATION_MODES), default=["auto"],
+                   metavar="MODE[,MODE...]",
                    help="how decoding reads its input: f32, q8 (8-bit, for Q8_0/Q4_0/Q4_1 weights) or auto "
                         "(q8 when the file has such weights; the default)")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md",
