@@ -423,6 +423,51 @@ static void gemm_scalar(const float *a, int64_t lda, int64_t m, const float *b, 
         for (int64_t i = 0; i < m; i++) c[j * ldc + i] = dot_f32_scalar(a + i * lda, b + j * ldb, k);
 }
 
+/* e^x, the same steps in every isa (so every table returns the same bits): x = n ln2 + r with
+ * n = round(x log2 e) and ln2 in two parts (Cephes' expf), e^r by Cephes' degree-7 polynomial on
+ * |r| <= ln2/2 evaluated with fmas, then 2^n applied as 2^(n/2) * 2^(n - n/2), so that results
+ * down to the subnormals round once. Within 1 ulp of the exact value (tests); 0 below
+ * EXP_X_MIN, inf above EXP_X_MAX, NaN for NaN. */
+#define EXP_X_MIN -104.0f        /* e^-104 < half the smallest subnormal */
+#define EXP_X_MAX 88.8f          /* e^88.8 > FLT_MAX */
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI 0.693359375f  /* few bits: n * EXP_LN2_HI is exact */
+#define EXP_LN2_LO -2.12194440e-4f
+#define EXP_P0 1.9875691500e-4f
+#define EXP_P1 1.3981999507e-3f
+#define EXP_P2 8.3334519073e-3f
+#define EXP_P3 4.1665795894e-2f
+#define EXP_P4 1.6666665459e-1f
+#define EXP_P5 5.0000001201e-1f
+
+/* the float 2^e, for a normal exponent e */
+static inline float pow2_scalar(int32_t e) { return f32_from_bits((uint32_t)(e + 127) << 23); }
+
+static float exp1_scalar(float x) {
+    if (x != x) return x + x;
+    const float xc = x < EXP_X_MIN ? EXP_X_MIN : x > EXP_X_MAX ? EXP_X_MAX : x;
+    const float n = nearbyintf(xc * EXP_LOG2E);
+    const float r = fmaf(n, -EXP_LN2_LO, fmaf(n, -EXP_LN2_HI, xc));
+    float p = fmaf(EXP_P0, r, EXP_P1);
+    p = fmaf(p, r, EXP_P2);
+    p = fmaf(p, r, EXP_P3);
+    p = fmaf(p, r, EXP_P4);
+    p = fmaf(p, r, EXP_P5);
+    const float y = fmaf(p, r * r, r) + 1.0f;
+    const int32_t e = (int32_t)n, e1 = e >> 1;
+    return y * pow2_scalar(e1) * pow2_scalar(e - e1);
+}
+
+static void exp_scalar(const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = exp1_scalar(x[i]);
+}
+
+static void weighted_sum_scalar(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k, float *out) {
+    for (int64_t i = 0; i < k; i++) out[i] = 0.0f;
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t i = 0; i < k; i++) out[i] += w[t] * rows[t * ld + i];
+}
+
 /* n rounded down to whole blocks: the generic SIMD loops below treat any n % 32 as a tail of
  * plain elements, so a quantised row's partial block (a caller's bug) must be cut off, as the
  * scalar kernels ignore it, rather than read as floats. */
@@ -632,6 +677,51 @@ TARGET_AVX2 static void gemm_avx2(const float *a, int64_t lda, int64_t m, const 
     }
     for (; i < m; i++)
         for (int64_t j = 0; j < nb; j++) c[j * ldc + i] = dot_avx2(a + i * lda, b + j * ldb, k, PS_TYPE_F32);
+}
+
+/* exp1_scalar's steps on 8 lanes */
+TARGET_AVX2 INLINE __m256 exp8_avx2(__m256 x) {
+    const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(EXP_X_MIN)), _mm256_set1_ps(EXP_X_MAX));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(EXP_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-EXP_LN2_LO), _mm256_fmadd_ps(n, _mm256_set1_ps(-EXP_LN2_HI), xc));
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(EXP_P0), r, _mm256_set1_ps(EXP_P1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P5));
+    const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_cvtps_epi32(n), e1 = _mm256_srai_epi32(e, 1), bias = _mm256_set1_epi32(127);
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e1, bias), 23));
+    const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(e, e1), bias), 23));
+    const __m256 out = _mm256_mul_ps(_mm256_mul_ps(y, s1), s2);
+    return _mm256_blendv_ps(out, _mm256_add_ps(x, x), _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); /* NaN stays NaN */
+}
+
+TARGET_AVX2 static void exp_avx2(const float *x, float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, exp8_avx2(_mm256_loadu_ps(x + i)));
+    for (; i < n; i++) y[i] = exp1_scalar(x[i]);
+}
+
+/* 32 columns at a time in 4 accumulators, kept in registers over all the rows */
+TARGET_AVX2 static void weighted_sum_avx2(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k,
+                                          float *out) {
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+        __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
+        for (int64_t t = 0; t < n; t++) {
+            const __m256 wt = _mm256_set1_ps(w[t]);
+            const float *r = rows + t * ld + i;
+            for (int q = 0; q < 4; q++) acc[q] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(r + 8 * q), acc[q]);
+        }
+        for (int q = 0; q < 4; q++) _mm256_storeu_ps(out + i + 8 * q, acc[q]);
+    }
+    for (; i + 8 <= k; i += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t t = 0; t < n; t++) acc = _mm256_fmadd_ps(_mm256_set1_ps(w[t]), _mm256_loadu_ps(rows + t * ld + i), acc);
+        _mm256_storeu_ps(out + i, acc);
+    }
+    if (i < k) weighted_sum_scalar(w, n, rows + i, ld, k - i, out + i);
 }
 
 /* 8-bit activations. The packs below saturate nothing: |q| <= 127. */
@@ -854,34 +944,122 @@ TARGET_AVX512 INLINE void axpy_avx512(float a, const void *row, float *y, int64_
 
 SIMD_ALL_TYPES(TARGET_AVX512, avx512)
 
-/* tiles of 4 rows x 4 tokens: 16 accumulators, 8 loads per 16 fmas; k's tail under a mask */
+/* the 16 sums of v[0..15]'s lanes, sum of v[i] in lane i: a transpose-and-add tree (45
+ * instructions where 16 separate reductions take ~130, a tenth of a k = 576 tile's work) */
+TARGET_AVX512 INLINE __m512 sum16_avx512(const __m512 v[16]) {
+    __m512 s[8], u[4], w[2];
+    /* per 128-bit chunk: halves of v[2i] and v[2i+1] side by side */
+    for (int i = 0; i < 8; i++)
+        s[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    /* per chunk: the chunk's sums of v[4i .. 4i+3] */
+    for (int i = 0; i < 4; i++) {
+        const __m512d a = _mm512_castps_pd(s[2 * i]), b = _mm512_castps_pd(s[2 * i + 1]);
+        u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    /* add chunks pairwise (0+1, 2+3 of each operand), then again */
+    for (int i = 0; i < 2; i++)
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88), _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xdd));
+}
+
+/* tiles of 4 rows x 4 tokens: 16 accumulators, 8 loads per 16 fmas; k's tail under a mask;
+ * the tile's 16 sums reduced together, token t's 4 rows stored from 128-bit chunk t */
 TARGET_AVX512 static void gemm_avx512(const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb,
                                       int64_t nb, int64_t k, float *c, int64_t ldc) {
+    const int64_t k16 = k - k % 16;
     int64_t i = 0;
     for (; i + 4 <= m; i += 4) {
         const float *ar[4] = { a + i * lda, a + (i + 1) * lda, a + (i + 2) * lda, a + (i + 3) * lda };
         int64_t j = 0;
         for (; j + 4 <= nb; j += 4) {
             const float *br[4] = { b + j * ldb, b + (j + 1) * ldb, b + (j + 2) * ldb, b + (j + 3) * ldb };
-            __m512 acc[4][4];
-            for (int r = 0; r < 4; r++)
-                for (int t = 0; t < 4; t++) acc[r][t] = _mm512_setzero_ps();
-            for (int64_t p = 0; p < k; p += 16) {
-                const __mmask16 mask = tail_mask(k - p);
-                __m512 va[4], vb[4];
-                for (int r = 0; r < 4; r++) va[r] = _mm512_maskz_loadu_ps(mask, ar[r] + p);
-                for (int t = 0; t < 4; t++) vb[t] = _mm512_maskz_loadu_ps(mask, br[t] + p);
-                for (int r = 0; r < 4; r++)
-                    for (int t = 0; t < 4; t++) acc[r][t] = _mm512_fmadd_ps(va[r], vb[t], acc[r][t]);
+            __m512 acc[16]; /* token t, row r: acc[4t + r] */
+            for (int q = 0; q < 16; q++) acc[q] = _mm512_setzero_ps();
+            for (int64_t p = 0; p < k16; p += 16) {
+                __m512 va[4];
+                for (int r = 0; r < 4; r++) va[r] = _mm512_loadu_ps(ar[r] + p);
+                for (int t = 0; t < 4; t++) {
+                    const __m512 vb = _mm512_loadu_ps(br[t] + p);
+                    for (int r = 0; r < 4; r++) acc[4 * t + r] = _mm512_fmadd_ps(va[r], vb, acc[4 * t + r]);
+                }
             }
-            for (int r = 0; r < 4; r++)
-                for (int t = 0; t < 4; t++) c[(j + t) * ldc + i + r] = _mm512_reduce_add_ps(acc[r][t]);
+            if (k16 < k) {
+                const __mmask16 mask = tail_mask(k - k16);
+                __m512 va[4];
+                for (int r = 0; r < 4; r++) va[r] = _mm512_maskz_loadu_ps(mask, ar[r] + k16);
+                for (int t = 0; t < 4; t++) {
+                    const __m512 vb = _mm512_maskz_loadu_ps(mask, br[t] + k16);
+                    for (int r = 0; r < 4; r++) acc[4 * t + r] = _mm512_fmadd_ps(va[r], vb, acc[4 * t + r]);
+                }
+            }
+            const __m512 sums = sum16_avx512(acc);
+            _mm_storeu_ps(c + j * ldc + i, _mm512_extractf32x4_ps(sums, 0));
+            _mm_storeu_ps(c + (j + 1) * ldc + i, _mm512_extractf32x4_ps(sums, 1));
+            _mm_storeu_ps(c + (j + 2) * ldc + i, _mm512_extractf32x4_ps(sums, 2));
+            _mm_storeu_ps(c + (j + 3) * ldc + i, _mm512_extractf32x4_ps(sums, 3));
         }
         for (; j < nb; j++)
             for (int r = 0; r < 4; r++) c[j * ldc + i + r] = dot_avx512(ar[r], b + j * ldb, k, PS_TYPE_F32);
     }
     for (; i < m; i++)
         for (int64_t j = 0; j < nb; j++) c[j * ldc + i] = dot_avx512(a + i * lda, b + j * ldb, k, PS_TYPE_F32);
+}
+
+/* exp1_scalar's steps on 16 lanes */
+TARGET_AVX512 INLINE __m512 exp16_avx512(__m512 x) {
+    const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(EXP_X_MIN)), _mm512_set1_ps(EXP_X_MAX));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(EXP_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-EXP_LN2_LO), _mm512_fmadd_ps(n, _mm512_set1_ps(-EXP_LN2_HI), xc));
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(EXP_P0), r, _mm512_set1_ps(EXP_P1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P5));
+    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_cvtps_epi32(n), e1 = _mm512_srai_epi32(e, 1), bias = _mm512_set1_epi32(127);
+    const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(e1, bias), 23));
+    const __m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(e, e1), bias), 23));
+    const __m512 out = _mm512_mul_ps(_mm512_mul_ps(y, s1), s2);
+    return _mm512_mask_add_ps(out, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x, x); /* NaN stays NaN */
+}
+
+TARGET_AVX512 static void exp_avx512(const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask(n - i);
+        _mm512_mask_storeu_ps(y + i, m, exp16_avx512(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
+/* the lanes of 16 from column i that exist in k columns */
+TARGET_AVX512 INLINE __mmask16 column_mask(int64_t i, int64_t k) { return i >= k ? 0 : tail_mask(k - i); }
+
+/* 64 columns at a time in 4 accumulators, kept in registers over all the rows (two rows per
+ * step, into two sets: 8 independent fma chains) */
+TARGET_AVX512 static void weighted_sum_avx512(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k,
+                                              float *out) {
+    for (int64_t i = 0; i < k; i += 64) {
+        __mmask16 m[4];
+        __m512 acc[2][4];
+        for (int q = 0; q < 4; q++) {
+            m[q] = column_mask(i + 16 * q, k);
+            acc[0][q] = acc[1][q] = _mm512_setzero_ps();
+        }
+        int64_t t = 0;
+        for (; t + 2 <= n; t += 2) {
+            const __m512 w0 = _mm512_set1_ps(w[t]), w1 = _mm512_set1_ps(w[t + 1]);
+            const float *r0 = rows + t * ld + i, *r1 = r0 + ld;
+            for (int q = 0; q < 4; q++) {
+                acc[0][q] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m[q], r0 + 16 * q), acc[0][q]);
+                acc[1][q] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m[q], r1 + 16 * q), acc[1][q]);
+            }
+        }
+        if (t < n) {
+            const __m512 w0 = _mm512_set1_ps(w[t]);
+            for (int q = 0; q < 4; q++)
+                acc[0][q] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m[q], rows + t * ld + i + 16 * q), acc[0][q]);
+        }
+        for (int q = 0; q < 4; q++) _mm512_mask_storeu_ps(out + i + 16 * q, m[q], _mm512_add_ps(acc[0][q], acc[1][q]));
+    }
 }
 
 /* 8-bit activations: two blocks per 512-bit vector */
@@ -1096,6 +1274,50 @@ INLINE void axpy_neon(float a, const void *row, float *y, int64_t n, int type) {
 
 SIMD_ALL_TYPES(, neon)
 
+/* exp1_scalar's steps on 4 lanes */
+INLINE float32x4_t exp4_neon(float32x4_t x) {
+    const float32x4_t xc = vminq_f32(vmaxq_f32(x, vdupq_n_f32(EXP_X_MIN)), vdupq_n_f32(EXP_X_MAX));
+    const float32x4_t n = vrndnq_f32(vmulq_n_f32(xc, EXP_LOG2E));
+    const float32x4_t r = vfmaq_n_f32(vfmaq_n_f32(xc, n, -EXP_LN2_HI), n, -EXP_LN2_LO);
+    float32x4_t p = vfmaq_n_f32(vdupq_n_f32(EXP_P1), r, EXP_P0);
+    p = vfmaq_f32(vdupq_n_f32(EXP_P2), p, r);
+    p = vfmaq_f32(vdupq_n_f32(EXP_P3), p, r);
+    p = vfmaq_f32(vdupq_n_f32(EXP_P4), p, r);
+    p = vfmaq_f32(vdupq_n_f32(EXP_P5), p, r);
+    const float32x4_t y = vaddq_f32(vfmaq_f32(r, p, vmulq_f32(r, r)), vdupq_n_f32(1.0f));
+    const int32x4_t e = vcvtq_s32_f32(n), e1 = vshrq_n_s32(e, 1), bias = vdupq_n_s32(127);
+    const float32x4_t s1 = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(e1, bias), 23));
+    const float32x4_t s2 = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vsubq_s32(e, e1), bias), 23));
+    const float32x4_t out = vmulq_f32(vmulq_f32(y, s1), s2);
+    return vbslq_f32(vceqq_f32(x, x), out, vaddq_f32(x, x)); /* NaN stays NaN */
+}
+
+static void exp_neon(const float *x, float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, exp4_neon(vld1q_f32(x + i)));
+    for (; i < n; i++) y[i] = exp1_scalar(x[i]);
+}
+
+/* 32 columns at a time in 8 accumulators, kept in registers over all the rows */
+static void weighted_sum_neon(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k, float *out) {
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+        float32x4_t acc[8];
+        for (int q = 0; q < 8; q++) acc[q] = vdupq_n_f32(0.0f);
+        for (int64_t t = 0; t < n; t++) {
+            const float *r = rows + t * ld + i;
+            for (int q = 0; q < 8; q++) acc[q] = vfmaq_n_f32(acc[q], vld1q_f32(r + 4 * q), w[t]);
+        }
+        for (int q = 0; q < 8; q++) vst1q_f32(out + i + 4 * q, acc[q]);
+    }
+    for (; i + 4 <= k; i += 4) {
+        float32x4_t acc = vdupq_n_f32(0.0f);
+        for (int64_t t = 0; t < n; t++) acc = vfmaq_n_f32(acc, vld1q_f32(rows + t * ld + i), w[t]);
+        vst1q_f32(out + i, acc);
+    }
+    if (i < k) weighted_sum_scalar(w, n, rows + i, ld, k - i, out + i);
+}
+
 /* 8-bit activations */
 
 static void quantize_q8_neon(const float *x, const ps_q8_vec *out, int64_t n) {
@@ -1233,6 +1455,30 @@ static const q8_kernels *const isa_q8[PS_ISA_COUNT] = {
 #endif
 };
 
+static const ps_f32_ops f32_ops_scalar = { exp_scalar, weighted_sum_scalar };
+#if defined(__x86_64__)
+static const ps_f32_ops f32_ops_avx2 = { exp_avx2, weighted_sum_avx2 };
+static const ps_f32_ops f32_ops_avx512 = { exp_avx512, weighted_sum_avx512 };
+#endif
+#if defined(__aarch64__)
+static const ps_f32_ops f32_ops_neon = { exp_neon, weighted_sum_neon };
+#endif
+
+/* NULL: not built (a VNNI / dotprod level has its base's) */
+static const ps_f32_ops *const isa_f32_ops[PS_ISA_COUNT] = {
+    [PS_ISA_SCALAR]       = &f32_ops_scalar,
+#if defined(__x86_64__)
+    [PS_ISA_AVX2]         = &f32_ops_avx2,
+    [PS_ISA_AVX2_VNNI]    = &f32_ops_avx2,
+    [PS_ISA_AVX512]       = &f32_ops_avx512,
+    [PS_ISA_AVX512_VNNI]  = &f32_ops_avx512,
+#endif
+#if defined(__aarch64__)
+    [PS_ISA_NEON]         = &f32_ops_neon,
+    [PS_ISA_NEON_DOTPROD] = &f32_ops_neon,
+#endif
+};
+
 /* NULL: scalar (NEON has no tiled kernel yet) */
 static const gemm_fn isa_gemm[PS_ISA_COUNT] = {
     [PS_ISA_SCALAR]      = gemm_scalar,
@@ -1302,7 +1548,8 @@ static void init_tables(void) {
     __builtin_cpu_init();
 #endif
     for (int isa = 0; isa < PS_ISA_COUNT; isa++) {
-        available[isa] = isa_kernels[isa] != NULL && isa_q8[isa] != NULL && cpu_supports(isa);
+        available[isa] = isa_kernels[isa] != NULL && isa_q8[isa] != NULL && isa_f32_ops[isa] != NULL &&
+                         cpu_supports(isa);
         if (!available[isa]) continue;
         best_isa = isa; /* enum order is preference order within an architecture */
         for (int t = 0; t < PS_TYPE_COUNT; t++) {
@@ -1343,6 +1590,12 @@ size_t ps_row_bytes(int type, int64_t n) {
     if (type < 0 || type >= PS_TYPE_COUNT || !layouts[type].name) return 0;
     if (n < 0 || n % layouts[type].block_size != 0) return 0;
     return (size_t)(n / layouts[type].block_size) * layouts[type].block_bytes;
+}
+
+const ps_f32_ops *ps_f32_ops_for(int isa) {
+    ensure_init();
+    if (isa == -1) isa = best_isa;
+    return isa >= 0 && isa < PS_ISA_COUNT && available[isa] ? isa_f32_ops[isa] : NULL;
 }
 
 float ps_dot_f32(const float *a, const float *b, int64_t n) {

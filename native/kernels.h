@@ -89,6 +89,21 @@ int ps_quantize_q8_isa(int isa, const float *x, const ps_q8_vec *out, int64_t n)
 float ps_dot_f32(const float *a, const float *b, int64_t n);
 void  ps_axpy_f32(float a, const float *x, float *y, int64_t n);
 
+/* float32 operations of attention and activations, one table per instruction set: the
+ * forward pass looks a table up once per task and calls through it (every ps_*_f32 wrapper
+ * checks the dispatch, which costs as much as a head_dim-long product). */
+typedef struct {
+    /* y[i] = e^x[i] (y may be x): within 1.5 ulp (1 ulp at most over the tests' inputs),
+     * subnormals and overflow included; the same bits in every isa */
+    void (*exp)(const float *x, float *y, int64_t n);
+    /* out[0..k) = sum over t < n of w[t] * rows[t*ld + 0..k) (attention's weighted sum of
+     * value rows; out is kept in registers while the rows stream past) */
+    void (*weighted_sum)(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k, float *out);
+} ps_f32_ops;
+
+/* the table of isa (-1: the best available); NULL if the isa is unavailable */
+const ps_f32_ops *ps_f32_ops_for(int isa);
+
 /* Prompt batches: c[j*ldc + i] = a_i . b_j for the m rows a_i of a (row stride lda) and the
  * nb rows b_j of b (row stride ldb), every row k floats. Register-blocked tiles of rows x
  * tokens, so each loaded vector feeds several products. */

@@ -3,7 +3,8 @@
  * under qemu (the NEON and NEON-dotprod tables on an x86 host). test_kernels.py is the full
  * suite; this is its twin checks, in C:
  *   to_float equal (as numbers); dot within 1e-5 of sum |w x|; axpy within a few roundings;
- *   quantize_q8 byte for byte; dot_q8 within 1e-5 of the block-wise magnitude.
+ *   quantize_q8 byte for byte; dot_q8 within 1e-5 of the block-wise magnitude; exp bit for bit;
+ *   weighted_sum within 1e-5 of sum |w r|.
  * Prints one line per ISA ("<isa> ok <checks>" or the first failure) and "available: ..."; the
  * exit status is the number of failing ISAs. */
 #include "kernels.h"
@@ -109,6 +110,28 @@ static int check_isa(int isa) {
             if (fabs(got_q8 - want_q8) > 1e-6 * qmag + 1e-30) { failed = fail(name, "dot_q8", TYPES[k], n, got_q8, want_q8); break; }
             checks += 2;
         }
+    }
+    /* the f32 operations: exp the same bits (a ramp over every range: zero, subnormal, normal,
+     * overflow), weighted_sum within 1e-5 of sum |w r| per column */
+    const ps_f32_ops *ops = ps_f32_ops_for(isa), *ops_ref = ps_f32_ops_for(PS_ISA_SCALAR);
+    for (int64_t i = 0; i < max_n; i++) x[i] = -110.0f + 200.0f * (float)i / (float)max_n;
+    ops->exp(x, y, max_n);
+    ops_ref->exp(x, y_ref, max_n);
+    for (int64_t i = 0; i < max_n && !failed; i++)
+        if (memcmp(&y[i], &y_ref[i], sizeof(float)) != 0) failed = fail(name, "exp", 0, max_n, y[i], y_ref[i]);
+    checks += 1;
+    const int64_t rows = 11, ld = 131; /* rows * ld <= max_n */
+    for (int64_t k = 1; k <= 130 && !failed; k += 43) {
+        random_floats(w, rows);
+        random_floats(tmp, rows * ld);
+        ops->weighted_sum(w, rows, tmp, ld, k, y);
+        ops_ref->weighted_sum(w, rows, tmp, ld, k, y_ref);
+        for (int64_t i = 0; i < k && !failed; i++) {
+            double mag = 0.0;
+            for (int64_t t = 0; t < rows; t++) mag += fabs((double)w[t] * tmp[t * ld + i]);
+            if (fabs((double)y[i] - y_ref[i]) > 1e-5 * mag + 1e-30) failed = fail(name, "weighted_sum", 0, k, y[i], y_ref[i]);
+        }
+        checks += 1;
     }
     if (!failed) printf("%s ok %ld\n", name, checks);
     free(x); free(w); free(w2); free(y); free(y_ref); free(tmp); free(row);

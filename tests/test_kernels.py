@@ -681,3 +681,82 @@ def test_gemm_matches_numpy(isa_name, m, nb, k, heap):
     scale = np.abs(B) @ np.abs(A).T
     assert np.all(np.abs(got[:, :m] - expected) <= 1e-5 * scale + 1e-30)
     assert np.all(np.isnan(got[:, m:]))                        # nothing written past m
+
+
+# ------------------------------------------------------------------------------------------
+# f32 operations of attention and activations (ps_f32_ops)
+
+def exp_inputs() -> np.ndarray:
+    """Every range the exp meets: softmax's (-inf, 0], SiLU's both signs, the edges where the
+    result turns subnormal, zero or infinite, and specials."""
+    rng = np.random.default_rng(11)
+    specials = [0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, 88.72, 88.73, 88.8, 89.0, 1e30, -1e30,
+                -87.33, -87.34, -100.0, -103.0, -103.97, -103.98, -104.0, -200.0, 1e-8, -1e-8, 0.5 * np.log(2)]
+    ramp = np.linspace(-105.0, 89.0, 200_001)
+    return np.concatenate([specials, ramp, rng.uniform(-20, 20, 100_000), -rng.exponential(5, 100_000)]).astype(np.float32)
+
+
+def ulp_error(got: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """|got - e^x| in units of the last place of the float nearest e^x (subnormals: of the
+    smallest subnormal), for finite results."""
+    exact = np.exp(x.astype(np.float64))
+    nearest = exact.astype(np.float32)
+    ulp = np.spacing(np.abs(nearest)).astype(np.float64)
+    return np.abs(got.astype(np.float64) - exact) / ulp
+
+
+def run_exp(ops, x: np.ndarray, heap: Heap) -> np.ndarray:
+    xp = heap.put(x, "float *")
+    y = heap.put(np.full_like(x, 7.0), "float *")
+    ops.exp(xp, y, x.size)
+    return read(y, np.float32, x.size)
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+def test_exp_within_1_5_ulp(isa_name, heap):
+    ops = lib.ps_f32_ops_for(require_isa(isa_name))
+    x = exp_inputs()
+    got = run_exp(ops, x, heap)
+    with np.errstate(over="ignore"):
+        finite = np.isfinite(np.exp(x.astype(np.float64)).astype(np.float32))
+    err = ulp_error(got[finite], x[finite])
+    assert np.all(err <= 1.5), x[finite][err > 1.5][:5]            # 0.98 at most, measured
+    assert np.all(np.isposinf(got[~finite & ~np.isnan(x)]))           # overflow: inf
+    assert np.all(np.isnan(got[np.isnan(x)]))
+    assert got[x == -np.inf][0] == 0.0 and np.all(got[x <= -104.0] == 0.0)
+    assert np.all(got[x == 0.0] == 1.0)
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+def test_exp_same_bits_as_scalar(isa_name, heap):
+    """In place (y = x), every length's tail; the same steps give the same bits in every isa."""
+    ops, ref = lib.ps_f32_ops_for(require_isa(isa_name)), lib.ps_f32_ops_for(lib.PS_ISA_SCALAR)
+    x = exp_inputs()
+    for n in [*SIZES_PLAIN, x.size]:
+        xs = x[-n:]
+        p = heap.put(xs, "float *")
+        ops.exp(p, p, n)
+        assert np.array_equal(read(p, np.float32, n), run_exp(ref, xs, heap), equal_nan=True), n
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("n,k", [(1, 64), (2, 64), (7, 64), (128, 64), (5, 1), (3, 17), (9, 100), (4, 129), (0, 33)])
+def test_weighted_sum_matches_numpy(isa_name, n, k, heap):
+    ops = lib.ps_f32_ops_for(require_isa(isa_name))
+    rng = np.random.default_rng(n * 1000 + k)
+    ld = k + 5                                                 # a stride wider than the rows
+    w = rng.random(n).astype(np.float32)
+    rows = random_floats(rng, max(n * ld - 5, 0))              # the last row ends at column k
+    out = heap.put(np.full(k + 1, np.nan, dtype=np.float32), "float *")
+    ops.weighted_sum(heap.put(w, "float *"), n, heap.put(rows, "float *"), ld, k, out)
+    got = read(out, np.float32, k + 1)
+    R = np.pad(rows, (0, 5)).reshape(n, ld)[:, :k].astype(np.float64) if n else np.zeros((0, k))
+    expected = w.astype(np.float64) @ R
+    assert np.all(np.abs(got[:k] - expected) <= 1e-5 * (np.abs(w) @ np.abs(R)) + 1e-30)
+    assert np.isnan(got[k])                                     # nothing written past k
+
+
+def test_f32_ops_lookup():
+    assert lib.ps_f32_ops_for(-1) == lib.ps_f32_ops_for(lib.ps_kernels_best_isa())
+    for bad in (-2, lib.PS_ISA_COUNT, 99):
+        assert lib.ps_f32_ops_for(bad) == ffi.NULL

@@ -43,7 +43,7 @@ def test_checker_passes_on_this_host(tmp_path):
     available, verdicts = run_check([str(build(cc, tmp_path / "check"))])
     assert "scalar" in available
     for isa in available:
-        assert verdicts[isa] == f"{isa} ok 120", verdicts[isa]
+        assert verdicts[isa] == f"{isa} ok 125", verdicts[isa]
 
 
 @pytest.mark.parametrize("cpu,expected", [("max", ["scalar", "neon", "neon_dotprod"]),
@@ -57,4 +57,4 @@ def test_neon_tables_under_qemu(tmp_path, cpu, expected):
     available, verdicts = run_check([QEMU, "-cpu", cpu, str(exe)])
     assert available == expected
     for isa in available:
-        assert verdicts[isa] == f"{isa} ok 120", verdicts[isa]
+        assert verdicts[isa] == f"{isa} ok 125", verdicts[isa]
