@@ -1101,44 +1101,46 @@ TARGET_AVX512 INLINE void q8_operands_avx512(const void *row, int64_t c, const i
     }
 }
 
-/* floats 0 and 1 of v in lanes 0-7 and 8-15 */
-TARGET_AVX512 INLINE __m512 pair_lanes(__m128 v) {
-    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
-                                 _mm512_castps128_ps512(v));
-}
-
 /* v[0] and v[1] (v[0] and 0 when !two) */
 TARGET_AVX512 INLINE __m128 load_pair(const float *v, int two) {
     return two ? _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)v)) : _mm_load_ss(v);
 }
 
 /* The lanes' scales: weight d * x's d of block c in lanes 0-7, of block c+1 in 8-15 (zero
- * when !two). For Q4, *off += (d, or Q4_1's m) * x's s in the same lanes: eight copies of each
- * block's offset term (dot_q8_avx512 scales the lane sum back). The f16 fields of both blocks
- * are converted by one vcvtph2ps. */
+ * when !two). *off accumulates the offset terms (k * x's s, k = Q4_1's m or Q4_0's d): Q4_1's
+ * in lanes 1 and 3, Q4_0's in lanes 0 and 1. One vcvtph2ps converts the f16 fields of both
+ * blocks (Q4_1's d and m are adjacent: one load per block), one vmulps scales them. */
 TARGET_AVX512 INLINE __m512 q8_scales_avx512(const void *row, const ps_q8_vec *x, int64_t c, int type, int two,
-                                             __m512 *off) {
-    uint16_t d0, m0, d1 = 0, m1 = 0;
+                                             __m128 *off) {
+    if (type == PS_TYPE_Q4_1) {
+        const block_q4_1 *b = (const block_q4_1 *)row + c;
+        uint32_t dm0, dm1 = 0;
+        memcpy(&dm0, &b[0], sizeof dm0);
+        if (two) memcpy(&dm1, &b[1], sizeof dm1);
+        const __m128 dm = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)((uint64_t)dm0 | (uint64_t)dm1 << 32)));
+        const __m128 prod = _mm_mul_ps(dm, _mm_unpacklo_ps(load_pair(x->d + c, two), load_pair(x->s + c, two)));
+        *off = _mm_add_ps(*off, prod);                                    /* d0dx0 m0s0 d1dx1 m1s1 */
+        return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
+                                     _mm512_castps128_ps512(prod));
+    }
+    uint16_t d0, m0, d1 = 0, m1;
     block_halves(row, c, type, &d0, &m0);
     if (two) block_halves(row, c + 1, type, &d1, &m1);
-    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)((uint64_t)d0 | (uint64_t)d1 << 16 |
-                                                                (uint64_t)m0 << 32 | (uint64_t)m1 << 48)));
-    if (type != PS_TYPE_Q8_0) {
-        const __m128 coef = type == PS_TYPE_Q4_0 ? dm : _mm_movehl_ps(dm, dm); /* d0 d1, or m0 m1 */
-        *off = _mm512_add_ps(*off, pair_lanes(_mm_mul_ps(coef, load_pair(x->s + c, two))));
-    }
-    return pair_lanes(_mm_mul_ps(dm, load_pair(x->d + c, two)));
+    const __m128 d = _mm_cvtph_ps(_mm_cvtsi32_si128((int)((uint32_t)d0 | (uint32_t)d1 << 16)));   /* d0 d1 */
+    if (type == PS_TYPE_Q4_0) *off = _mm_add_ps(*off, _mm_mul_ps(d, load_pair(x->s + c, two)));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                 _mm512_castps128_ps512(_mm_mul_ps(d, load_pair(x->d + c, two))));
 }
 
 TARGET_AVX512 INLINE __m512i mul_sum_avx512(__m512i u, __m512i s) {
     return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
 }
 
-/* Generic int8 dot over nb blocks: two blocks per step, four per loop into two accumulators.
- * The offset lanes hold 8 copies of each block's d*s (Q4_0: the term is -8 d s) or m*s (Q4_1). */
+/* Generic int8 dot over nb blocks: two blocks per step, four per loop into two accumulators;
+ * the offset terms in two more (see q8_scales_avx512; Q4_0's term is -8 d s, Q4_1's m s). */
 #define DOT_Q8_AVX512(TARGET, isa, MUL_SUM)                                                    \
     TARGET INLINE __m512 q8_step_##isa(const void *row, const ps_q8_vec *x, int64_t c, int type, int two, \
-                                       __m512 acc, __m512 *off) {                              \
+                                       __m512 acc, __m128 *off) {                              \
         __m512i u, s;                                                                          \
         q8_operands_avx512(row, c, x->qs + QK * c, type, two, &u, &s);                         \
         return _mm512_fmadd_ps(_mm512_cvtepi32_ps(MUL_SUM(u, s)),                              \
@@ -1146,7 +1148,7 @@ TARGET_AVX512 INLINE __m512i mul_sum_avx512(__m512i u, __m512i s) {
     }                                                                                          \
     TARGET INLINE float dot_q8_##isa(const void *row, const ps_q8_vec *x, int64_t nb, int type) { \
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                         \
-        __m512 off0 = _mm512_setzero_ps(), off1 = _mm512_setzero_ps();                         \
+        __m128 off0 = _mm_setzero_ps(), off1 = _mm_setzero_ps();                               \
         int64_t c = 0;                                                                         \
         for (; c + 4 <= nb; c += 4) {                                                          \
             acc0 = q8_step_##isa(row, x, c, type, 1, acc0, &off0);                             \
@@ -1157,10 +1159,12 @@ TARGET_AVX512 INLINE __m512i mul_sum_avx512(__m512i u, __m512i s) {
             c += 2;                                                                            \
         }                                                                                      \
         if (c < nb) acc1 = q8_step_##isa(row, x, c, type, 0, acc1, &off1);                     \
-        const __m512 acc = _mm512_add_ps(acc0, acc1), off = _mm512_add_ps(off0, off1);         \
-        if (type == PS_TYPE_Q4_0) return _mm512_reduce_add_ps(_mm512_sub_ps(acc, off));        \
-        if (type == PS_TYPE_Q4_1) return _mm512_reduce_add_ps(_mm512_fmadd_ps(off, _mm512_set1_ps(0.125f), acc)); \
-        return _mm512_reduce_add_ps(acc);                                                      \
+        const float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));                     \
+        float o[4];                                                                            \
+        _mm_storeu_ps(o, _mm_add_ps(off0, off1));                                              \
+        if (type == PS_TYPE_Q4_0) return sum - 8.0f * (o[0] + o[1]);                           \
+        if (type == PS_TYPE_Q4_1) return sum + (o[1] + o[3]);                                  \
+        return sum;                                                                            \
     }
 
 DOT_Q8_AVX512(TARGET_AVX512, avx512, mul_sum_avx512)

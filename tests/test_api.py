@@ -22,6 +22,10 @@ def rt(smollm2_path):
 
 
 def test_streaming_equals_whole_text(rt):
+    # both runs below then reuse the cached prompt and re-evaluate its last token alone: a run
+    # from an empty cache evaluates that token in the prompt batch (float32 activations), and
+    # greedy decoding may part from one with 8-bit activations at a near-tie (at token 24 here)
+    rt.generate(PROMPT, max_tokens=1, temperature=0)
     whole = rt.generate(PROMPT, max_tokens=24, temperature=0)
     pieces = list(rt.generate(PROMPT, max_tokens=24, temperature=0, stream=True))
     assert len(pieces) > 5 and "".join(pieces) == whole
