@@ -241,6 +241,15 @@ def test_tiny_relu_model_to_predictor_mode_gguf(tmp_path):
                  "--epochs", "8", "--batch-size", "256", "--lr", "5e-3", "--threads", "1"]) == 0
     assert json.loads((out / "report.json").read_text())["layers"] == report["layers"]
 
+    # another operating point of the report's curve, without retraining
+    before = json.loads((out / "thresholds.json").read_text())["layer_thresholds"]
+    assert main(["predictor-thresholds", str(out), "--target-recall", "0.99"]) == 0
+    after = json.loads((out / "thresholds.json").read_text())["layer_thresholds"]
+    assert after == [next(t for target, t, _, _ in layer["curve"] if target == 0.99) for layer in report["layers"]]
+    assert all(a <= b for a, b in zip(after, before)) and after != before    # more recall: lower thresholds
+    assert main(["predictor-thresholds", str(out), "--target-recall", "0.965"]) == 2  # not in the curve
+    assert main(["predictor-thresholds", str(tmp_path), "--target-recall", "0.99"]) == 2  # no report
+
 
 def test_pipeline_from_a_given_model_runs_each_step_once(tmp_path):
     """--model skips training; predictors → GGUF → evaluation run as logged commands; a second

@@ -2,7 +2,8 @@
 way from a base model to a GGUF that ``prosparse-run`` decodes in predictor mode.
 
     prosparse-train predictors --model runs/smollm2-135m-cpu --out runs/smollm2-135m-cpu/predictors \\
-        --rank 128 --target-recall 0.95 [--samples 50000] [--time-budget 600]
+        [--rank 256] [--target-recall 0.96] [--samples 100000] [--time-budget 600]
+    prosparse-train predictor-thresholds runs/smollm2-135m-cpu/predictors --target-recall 0.97
     prosparse-train predictor-eval model-pred.gguf --tokenizer runs/smollm2-135m-cpu/final [--bench]
     prosparse-train pipeline --recipe smollm2-135m-cpu          # train → threshold → predictors → GGUF → eval
 
@@ -32,7 +33,8 @@ PREDICTOR_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
 
 
 def add_predictor_commands(sub) -> None:
-    """Adds ``predictors``, ``predictor-eval`` and ``pipeline`` to a subparsers object."""
+    """Adds ``predictors``, ``predictor-thresholds``, ``predictor-eval`` and ``pipeline`` to a
+    subparsers object."""
     from .predictors import CollectSettings, DEFAULT_INPUT, TrainSettings
     t, c = TrainSettings(), CollectSettings()
 
@@ -85,6 +87,13 @@ def add_predictor_commands(sub) -> None:
     recipe_args(p)
     predictor_args(p)
 
+    p = sub.add_parser("predictor-thresholds",
+                       help="rewrite a predictor folder's thresholds.json for another recall target of its "
+                            "report (no retraining; convert again afterwards)")
+    p.add_argument("predictors", type=Path, help="folder written by prosparse-train predictors")
+    p.add_argument("--target-recall", type=float, required=True,
+                   help="one of the report's curve targets (0.9, 0.95, 0.96, 0.97, 0.98, 0.99)")
+
     p = sub.add_parser("predictor-eval",
                        help="held-out perplexity of a GGUF in predictor vs exact mode, through the runtime")
     p.add_argument("gguf", type=Path)
@@ -94,7 +103,7 @@ def add_predictor_commands(sub) -> None:
     p.add_argument("--predictors", type=Path, help="the predictor folder the GGUF was made from (its report.json)")
     p.add_argument("--target-recalls", default=None, metavar="R[,R...]",
                    help="also run predictor mode with the report's thresholds for these recall targets "
-                        "(of 0.9, 0.95, 0.97, 0.98, 0.99; needs --predictors)")
+                        "(of 0.9, 0.95, 0.96, 0.97, 0.98, 0.99; needs --predictors)")
     p.add_argument("--bench", action="store_true", help="also measure decode speed per mode (prosparse-bench)")
     p.add_argument("--json", type=Path, help="write the results here")
     recipe_args(p)
@@ -156,6 +165,28 @@ def cmd_predictors(args) -> int:
     print(report.markdown())
     print(f"predictors → {args.out} (convert: prosparse-convert MODEL_DIR --predictor {args.out} "
           f"--predictor-outtype {args.predictor_type} -o model.gguf)")
+    return 0
+
+
+# --- predictor-thresholds ---------------------------------------------------------------------
+
+
+def cmd_predictor_thresholds(args) -> int:
+    from .checkpoint import TrainingError
+    from .predictors import export_thresholds, read_report
+    report = read_report(args.predictors)
+    if report is None or not report.complete:
+        raise TrainingError(f"{args.predictors}: no complete report.json (not a finished "
+                            f"'prosparse-train predictors' folder)")
+    try:
+        thresholds = report.thresholds_for(args.target_recall)
+    except ValueError as e:
+        raise TrainingError(f"{args.predictors}: {e}") from None
+    export_thresholds(args.predictors, thresholds, report.predictor_input)
+    point = next(c for c in report.curve_averages() if abs(c["target_recall"] - args.target_recall) < 1e-9)
+    print(f"{args.predictors / 'thresholds.json'}: thresholds for {args.target_recall:.0%} recall "
+          f"(held-out test half: recall {point['recall']:.2%}, predicted sparsity "
+          f"{point['predicted_sparsity']:.2%}); convert again to embed them")
     return 0
 
 
@@ -330,7 +361,8 @@ def _sequences(recipe, tokenizer, sources):
     return cache.sequences("train", d.seq_len), cache.sequences("heldout", d.seq_len)
 
 
-PREDICTOR_COMMANDS = {"predictors": cmd_predictors, "predictor-eval": cmd_predictor_eval, "pipeline": cmd_pipeline}
+PREDICTOR_COMMANDS = {"predictors": cmd_predictors, "predictor-thresholds": cmd_predictor_thresholds,
+                      "predictor-eval": cmd_predictor_eval, "pipeline": cmd_pipeline}
 
 
 def main(argv: list[str] | None = None) -> int:

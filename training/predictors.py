@@ -60,7 +60,7 @@ REPORT_JSON = "report.json"
 REPORT_MD = "REPORT.md"
 SAMPLES_DIR = "samples"
 # recall targets whose thresholds the report also lists (predictor-eval --target-recalls)
-RECALL_CURVE = (0.9, 0.95, 0.97, 0.98, 0.99)
+RECALL_CURVE = (0.9, 0.95, 0.96, 0.97, 0.98, 0.99)
 
 
 # --- hooks: the predictor input and the active mask of every layer ------------------------
@@ -366,8 +366,10 @@ def operating_curve(predictor: Predictor, select: LayerSamples, test: LayerSampl
 
 @dataclass
 class TrainSettings:
-    rank: int = 128
-    target_recall: float = 0.95
+    rank: int = 256                  # 128 → 256: +4–7 points of predicted sparsity (PREDICTORS.md)
+    # thresholds are chosen on the select half; the test half lands ≈ 0.2 point under, so 0.96
+    # keeps the measured recall at ≥ 95%
+    target_recall: float = 0.96
     pos_weight: float = 4.0          # BCE weight of active neurons (favours recall)
     lr: float = 1e-3
     batch_size: int = 256            # more, smaller steps beat larger ones here (PREDICTORS.md)
@@ -454,7 +456,7 @@ def train_predictor(train: LayerSamples, select: LayerSamples, settings: TrainSe
 
 @dataclass
 class CollectSettings:
-    samples: int = 50_000            # training samples per layer
+    samples: int = 100_000           # training samples per layer
     heldout_samples: int = 8_000     # held-out samples per layer (half select, half test)
     token_fraction: float = 1.0
     batch_size: int = 8
