@@ -5,7 +5,7 @@
  *   scalar kernels: the plain reference for every type, and the only quantisers (from_float)
  *   8-bit activations: the quantiser and the integer dots of Q8_0/Q4_0/Q4_1 (scalar reference)
  *   SIMD kernels: per ISA, one "load 32 weights as floats" primitive (a quantised block or 32
- *     plain elements) and three generic loops over it (to_float, dot, axpy); the type is a
+ *     plain elements) and four generic loops over it (to_float, dot, axpy, axpy4); the type is a
  *     compile-time constant in each instance, so the switch inside the primitive folds away.
  *     Then the ISA's quantiser and one generic int8 dot loop (the multiply-add instruction is
  *     a macro parameter: with and without VNNI / dotprod)
@@ -398,20 +398,33 @@ INLINE float load1(const void *row, int64_t i, int type) {
     }
 }
 
+/* The scalar axpy4: four axpys, one after the other (the definition the SIMD ones follow). */
+#define SCALAR_AXPY4(t)                                                                        \
+    static void axpy4_##t##_scalar(const float a[4], const void *const rows[4], float *y, int64_t n) { \
+        for (int r = 0; r < 4; r++) axpy_##t##_scalar(a[r], rows[r], y, n);                    \
+    }
+SCALAR_AXPY4(f32)
+SCALAR_AXPY4(f16)
+SCALAR_AXPY4(bf16)
+SCALAR_AXPY4(q8_0)
+SCALAR_AXPY4(q4_0)
+SCALAR_AXPY4(q4_1)
+
 /* The per-ISA part of a traits row. */
 typedef struct {
     void  (*to_float)(const void *row, float *out, int64_t n);
     float (*dot)(const void *row, const float *x, int64_t n);
     void  (*axpy)(float a, const void *row, float *y, int64_t n);
+    void  (*axpy4)(const float a[4], const void *const rows[4], float *y, int64_t n);
 } kernel_row;
 
 static const kernel_row kernels_scalar[PS_TYPE_COUNT] = {
-    [PS_TYPE_F32]  = { to_float_f32_scalar,  dot_f32_scalar,  axpy_f32_scalar  },
-    [PS_TYPE_F16]  = { to_float_f16_scalar,  dot_f16_scalar,  axpy_f16_scalar  },
-    [PS_TYPE_BF16] = { to_float_bf16_scalar, dot_bf16_scalar, axpy_bf16_scalar },
-    [PS_TYPE_Q8_0] = { to_float_q8_0_scalar, dot_q8_0_scalar, axpy_q8_0_scalar },
-    [PS_TYPE_Q4_0] = { to_float_q4_0_scalar, dot_q4_0_scalar, axpy_q4_0_scalar },
-    [PS_TYPE_Q4_1] = { to_float_q4_1_scalar, dot_q4_1_scalar, axpy_q4_1_scalar },
+    [PS_TYPE_F32]  = { to_float_f32_scalar,  dot_f32_scalar,  axpy_f32_scalar,  axpy4_f32_scalar  },
+    [PS_TYPE_F16]  = { to_float_f16_scalar,  dot_f16_scalar,  axpy_f16_scalar,  axpy4_f16_scalar  },
+    [PS_TYPE_BF16] = { to_float_bf16_scalar, dot_bf16_scalar, axpy_bf16_scalar, axpy4_bf16_scalar },
+    [PS_TYPE_Q8_0] = { to_float_q8_0_scalar, dot_q8_0_scalar, axpy_q8_0_scalar, axpy4_q8_0_scalar },
+    [PS_TYPE_Q4_0] = { to_float_q4_0_scalar, dot_q4_0_scalar, axpy_q4_0_scalar, axpy4_q4_0_scalar },
+    [PS_TYPE_Q4_1] = { to_float_q4_1_scalar, dot_q4_1_scalar, axpy_q4_1_scalar, axpy4_q4_1_scalar },
 };
 
 typedef void (*gemm_fn)(const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t nb,
@@ -485,15 +498,18 @@ INLINE int64_t whole_blocks(int64_t n, int type) {
     }                                                                                          \
     TARGET static void axpy_##t##_##isa(float a, const void *row, float *y, int64_t n) {       \
         axpy_##isa(a, row, y, whole_blocks(n, TYPE), TYPE);                                    \
+    }                                                                                          \
+    TARGET static void axpy4_##t##_##isa(const float a[4], const void *const rows[4], float *y, int64_t n) { \
+        axpy4_##isa(a, rows, y, whole_blocks(n, TYPE), TYPE);                                  \
     }
 #define SIMD_TABLE(isa)                                                                        \
     static const kernel_row kernels_##isa[PS_TYPE_COUNT] = {                                   \
-        [PS_TYPE_F32]  = { to_float_f32_##isa,  dot_f32_##isa,  axpy_f32_##isa  },             \
-        [PS_TYPE_F16]  = { to_float_f16_##isa,  dot_f16_##isa,  axpy_f16_##isa  },             \
-        [PS_TYPE_BF16] = { to_float_bf16_##isa, dot_bf16_##isa, axpy_bf16_##isa },             \
-        [PS_TYPE_Q8_0] = { to_float_q8_0_##isa, dot_q8_0_##isa, axpy_q8_0_##isa },             \
-        [PS_TYPE_Q4_0] = { to_float_q4_0_##isa, dot_q4_0_##isa, axpy_q4_0_##isa },             \
-        [PS_TYPE_Q4_1] = { to_float_q4_1_##isa, dot_q4_1_##isa, axpy_q4_1_##isa },             \
+        [PS_TYPE_F32]  = { to_float_f32_##isa,  dot_f32_##isa,  axpy_f32_##isa,  axpy4_f32_##isa  }, \
+        [PS_TYPE_F16]  = { to_float_f16_##isa,  dot_f16_##isa,  axpy_f16_##isa,  axpy4_f16_##isa  }, \
+        [PS_TYPE_BF16] = { to_float_bf16_##isa, dot_bf16_##isa, axpy_bf16_##isa, axpy4_bf16_##isa }, \
+        [PS_TYPE_Q8_0] = { to_float_q8_0_##isa, dot_q8_0_##isa, axpy_q8_0_##isa, axpy4_q8_0_##isa }, \
+        [PS_TYPE_Q4_0] = { to_float_q4_0_##isa, dot_q4_0_##isa, axpy_q4_0_##isa, axpy4_q4_0_##isa }, \
+        [PS_TYPE_Q4_1] = { to_float_q4_1_##isa, dot_q4_1_##isa, axpy_q4_1_##isa, axpy4_q4_1_##isa }, \
     };
 #define SIMD_ALL_TYPES(TARGET, isa)                                                            \
     SIMD_KERNELS(TARGET, isa, f32, PS_TYPE_F32)                                                \
@@ -639,6 +655,28 @@ TARGET_AVX2 INLINE void axpy_avx2(float a, const void *row, float *y, int64_t n,
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8_avx2(row, i, type), _mm256_loadu_ps(y + i)));
     for (; i < n; i++) y[i] += a * load1(row, i, type);
+}
+
+/* axpy's fmas for four rows in turn, on 32 columns of y held in registers */
+TARGET_AVX2 INLINE void axpy4_avx2(const float *a, const void *const *rows, float *y, int64_t n, int type) {
+    const __m256 va[4] = { _mm256_set1_ps(a[0]), _mm256_set1_ps(a[1]), _mm256_set1_ps(a[2]), _mm256_set1_ps(a[3]) };
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256 acc[4];
+        for (int k = 0; k < 4; k++) acc[k] = _mm256_loadu_ps(y + i + 8 * k);
+        for (int r = 0; r < 4; r++) {
+            const w32_avx2 w = load32_avx2(rows[r], i / 32, type);
+            for (int k = 0; k < 4; k++) acc[k] = _mm256_fmadd_ps(va[r], w.v[k], acc[k]);
+        }
+        for (int k = 0; k < 4; k++) _mm256_storeu_ps(y + i + 8 * k, acc[k]);
+    }
+    for (; i + 8 <= n; i += 8) {
+        __m256 acc = _mm256_loadu_ps(y + i);
+        for (int r = 0; r < 4; r++) acc = _mm256_fmadd_ps(va[r], load8_avx2(rows[r], i, type), acc);
+        _mm256_storeu_ps(y + i, acc);
+    }
+    for (; i < n; i++)
+        for (int r = 0; r < 4; r++) y[i] += a[r] * load1(rows[r], i, type);
 }
 
 SIMD_ALL_TYPES(TARGET_AVX2, avx2)
@@ -938,6 +976,28 @@ TARGET_AVX512 INLINE void axpy_avx512(float a, const void *row, float *y, int64_
     for (; i < n; i += 16) {
         const __mmask16 m = tail_mask(n - i);
         const __m512 yi = _mm512_fmadd_ps(va, load16_masked_avx512(row, i, m, type), _mm512_maskz_loadu_ps(m, y + i));
+        _mm512_mask_storeu_ps(y + i, m, yi);
+    }
+}
+
+/* axpy's fmas for four rows in turn, on 32 columns of y held in registers */
+TARGET_AVX512 INLINE void axpy4_avx512(const float *a, const void *const *rows, float *y, int64_t n, int type) {
+    const __m512 va[4] = { _mm512_set1_ps(a[0]), _mm512_set1_ps(a[1]), _mm512_set1_ps(a[2]), _mm512_set1_ps(a[3]) };
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m512 lo = _mm512_loadu_ps(y + i), hi = _mm512_loadu_ps(y + i + 16);
+        for (int r = 0; r < 4; r++) {
+            const w32_avx512 w = load32_avx512(rows[r], i / 32, type);
+            lo = _mm512_fmadd_ps(va[r], w.lo, lo);
+            hi = _mm512_fmadd_ps(va[r], w.hi, hi);
+        }
+        _mm512_storeu_ps(y + i, lo);
+        _mm512_storeu_ps(y + i + 16, hi);
+    }
+    for (; i < n; i += 16) {
+        const __mmask16 m = tail_mask(n - i);
+        __m512 yi = _mm512_maskz_loadu_ps(m, y + i);
+        for (int r = 0; r < 4; r++) yi = _mm512_fmadd_ps(va[r], load16_masked_avx512(rows[r], i, m, type), yi);
         _mm512_mask_storeu_ps(y + i, m, yi);
     }
 }
@@ -1276,6 +1336,27 @@ INLINE void axpy_neon(float a, const void *row, float *y, int64_t n, int type) {
     for (; i < n; i++) y[i] += a * load1(row, i, type);
 }
 
+/* axpy's fmas for four rows in turn, on 32 columns of y held in registers */
+INLINE void axpy4_neon(const float *a, const void *const *rows, float *y, int64_t n, int type) {
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        float32x4_t acc[8];
+        for (int k = 0; k < 8; k++) acc[k] = vld1q_f32(y + i + 4 * k);
+        for (int r = 0; r < 4; r++) {
+            const w32_neon w = load32_neon(rows[r], i / 32, type);
+            for (int k = 0; k < 8; k++) acc[k] = vfmaq_n_f32(acc[k], w.v[k], a[r]);
+        }
+        for (int k = 0; k < 8; k++) vst1q_f32(y + i + 4 * k, acc[k]);
+    }
+    for (; i + 4 <= n; i += 4) {
+        float32x4_t acc = vld1q_f32(y + i);
+        for (int r = 0; r < 4; r++) acc = vfmaq_n_f32(acc, load4_neon(rows[r], i, type), a[r]);
+        vst1q_f32(y + i, acc);
+    }
+    for (; i < n; i++)
+        for (int r = 0; r < 4; r++) y[i] += a[r] * load1(rows[r], i, type);
+}
+
 SIMD_ALL_TYPES(, neon)
 
 /* exp1_scalar's steps on 4 lanes */
@@ -1561,7 +1642,7 @@ static void init_tables(void) {
             const kernel_row *k = &isa_kernels[isa][t];
             traits[isa][t] = (ps_type_traits){ layouts[t].name, layouts[t].block_size, layouts[t].block_bytes,
                                                k->to_float, layouts[t].from_float, k->dot, k->axpy,
-                                               isa_q8[isa]->dot[t] };
+                                               k->axpy4, isa_q8[isa]->dot[t] };
         }
     }
 }

@@ -62,6 +62,10 @@ typedef struct {
     float (*dot)(const void *row, const float *x, int64_t n);
     /* y[i] += a * row[i] */
     void  (*axpy)(float a, const void *row, float *y, int64_t n);
+    /* y[i] += a[0] * rows[0][i], then a[1] * rows[1][i], ... a[3] * rows[3][i]: the same
+     * roundings as four axpy calls in that order, but y is loaded and stored once per block of
+     * columns instead of once per row (the sparse down projection adds a row per neuron) */
+    void  (*axpy4)(const float a[4], const void *const rows[4], float *y, int64_t n);
     /* returns sum over blocks of the integer dot of the block's codes with x's, times the
      * scales (+ the Q4 offset term); x from ps_quantize_q8. NULL for the float types. */
     float (*dot_q8)(const void *row, const ps_q8_vec *x, int64_t n);

@@ -378,13 +378,24 @@ static void down_t_task(void *ctx, int ith, int nth) {
         int64_t start = atomic_fetch_add(&job->next, job->chunk);
         if (start >= job->n_neurons) return;
         int64_t end = start + job->chunk < job->n_neurons ? start + job->chunk : job->n_neurons;
+        /* one token: the non-zero neurons four at a time (axpy4 loads and stores acc once per
+         * four rows), the last few of the chunk one by one */
+        float group_h[4];
+        const void *group_rows[4];
+        int n_group = 0;
         for (int64_t j = start; j < end; j++) {
             const int64_t i = job->neurons ? job->neurons[j] : j;
             const void *row = (const char *)w->data + (size_t)i * row_bytes;
             if (job->neurons && j + PREFETCH_AHEAD < job->n_neurons)
                 prefetch_row((const char *)w->data + (size_t)job->neurons[j + PREFETCH_AHEAD] * row_bytes, row_bytes);
             if (job->batch == 1) {
-                if (job->h[i] != 0.0f) tt->axpy(job->h[i], row, acc, dim);
+                if (job->h[i] == 0.0f) continue;
+                group_h[n_group] = job->h[i];
+                group_rows[n_group] = row;
+                if (++n_group == 4) {
+                    tt->axpy4(group_h, group_rows, acc, dim);
+                    n_group = 0;
+                }
                 continue;
             }
             tt->to_float(row, row_buf, dim);
@@ -393,6 +404,7 @@ static void down_t_task(void *ctx, int ith, int nth) {
                 if (a != 0.0f) ps_axpy_f32(a, row_buf, acc + (int64_t)b * dim, dim);
             }
         }
+        for (int r = 0; r < n_group; r++) tt->axpy(group_h[r], group_rows[r], acc, dim);
     }
 }
 

@@ -3,6 +3,7 @@
  * under qemu (the NEON and NEON-dotprod tables on an x86 host). test_kernels.py is the full
  * suite; this is its twin checks, in C:
  *   to_float equal (as numbers); dot within 1e-5 of sum |w x|; axpy within a few roundings;
+ *   axpy4 the same bits as four of the table's axpys (rows of one row's blocks, rotated);
  *   quantize_q8 byte for byte; dot_q8 within 1e-5 of the block-wise magnitude; exp bit for bit;
  *   weighted_sum within 1e-5 of sum |w r|.
  * Prints one line per ISA ("<isa> ok <checks>" or the first failure) and "available: ..."; the
@@ -85,6 +86,21 @@ static int check_isa(int isa) {
             for (int64_t i = 0; i < n && !failed; i++)
                 if (fabs((double)y[i] - y_ref[i]) > 1e-6 * (fabs(x[i]) + fabs(1.7 * w[i])) + 1e-30)
                     failed = fail(name, "axpy", TYPES[k], n, y[i], y_ref[i]);
+            /* axpy4 against four axpys of the same table: rows starting at blocks 0, 1, 2, 3 of
+             * row (each n - 96 long, so n >= 128), coefficients far apart in size */
+            if (n >= 128 && !failed) {
+                const int64_t m = n - 96;
+                const float a[4] = { 1.7f, -3e4f, 2e-3f, -0.5f };
+                const void *rows[4];
+                for (int r = 0; r < 4; r++) rows[r] = (const char *)row + r * 32 / ref->block_size * ref->block_bytes;
+                for (int64_t i = 0; i < m; i++) y[i] = y_ref[i] = x[i];
+                t->axpy4(a, rows, y, m);
+                for (int r = 0; r < 4; r++) t->axpy(a[r], rows[r], y_ref, m);
+                if (memcmp(y, y_ref, sizeof(float) * (size_t)m) != 0)
+                    for (int64_t i = 0; i < m && !failed; i++)
+                        if (y[i] != y_ref[i]) failed = fail(name, "axpy4", TYPES[k], m, y[i], y_ref[i]);
+                checks += 1;
+            }
             checks += 3;
             if (!ref->dot_q8 || failed) continue;
             /* activations: the same bytes from every quantiser */

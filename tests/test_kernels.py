@@ -1,7 +1,8 @@
 """Tensor-type kernels (native/kernels.c).
 
 - the scalar table against gguf-py's quantisers and dequantisers, bit for bit;
-- every SIMD table the CPU runs against its scalar twin, odd sizes included;
+- every SIMD table the CPU runs against its scalar twin, odd sizes included; axpy4 against four
+  axpys of its own table (bit for bit) and of the scalar one;
 - f16 conversions against numpy (all 65536 half bit patterns), bf16 against a float64 reference;
 - 8-bit activations: the quantiser of every ISA against numpy, byte for byte; the scalar int8
   dots against a numpy model of ggml's quantise-then-integer-dot; every SIMD int8 dot against
@@ -133,6 +134,13 @@ def dot(t, row: np.ndarray, x: np.ndarray, heap: Heap) -> float:
 def axpy(t, a: float, row: np.ndarray, y: np.ndarray, heap: Heap) -> np.ndarray:
     yp = heap.put(y.astype(np.float32), "float *")
     t.axpy(a, heap.put(row, "void *"), yp, len(y))
+    return read(yp, np.float32, len(y))
+
+
+def axpy4(t, a, rows, y: np.ndarray, heap: Heap) -> np.ndarray:
+    yp = heap.put(y.astype(np.float32), "float *")
+    row_ptrs = ffi.new("const void *[4]", [heap.put(row, "void *") for row in rows])
+    t.axpy4(ffi.new("float[4]", list(a)), row_ptrs, yp, len(y))
     return read(yp, np.float32, len(y))
 
 
@@ -345,6 +353,36 @@ def test_partial_block_is_not_read(isa_name, name, heap):
     y = axpy(t, 2.0, row, np.zeros(80, np.float32), heap)
     np.testing.assert_array_equal(y[64:], 0)
     np.testing.assert_array_equal(y[:64], axpy(t, 2.0, row, np.zeros(64, np.float32), heap))
+
+
+AXPY4_COEFFICIENTS = ([1.7, -0.75, 3e4, -2e-3], [1e6, -1e6, 0.0, 1.0], [-5e-7, 0.5, 0.5, -1e5])
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("name", TYPES)
+def test_axpy4_is_four_axpys(isa_name, name, heap):
+    """axpy4 adds its four rows in order with axpy's roundings: the same bits as four axpy
+    calls of the same table, and within a few roundings per row of the scalar reference.
+    Coefficients of very different sizes (cancelling, zero) so that a row added twice, left
+    out, taken out of order or scaled by another row's coefficient shows."""
+    isa = require_isa(isa_name)
+    ref, t = traits(name, lib.PS_ISA_SCALAR), traits(name, isa)
+    rng = np.random.default_rng(11)
+    for n in sizes(name):
+        rows = [random_row(name, n, rng, heap) for _ in range(4)]
+        w = [to_float(ref, row, n, heap).astype(np.float64) for row in rows]
+        for a in AXPY4_COEFFICIENTS:
+            y = random_floats(rng, n)
+            one_by_one, reference = y, y
+            for r in range(4):
+                one_by_one = axpy(t, a[r], rows[r], one_by_one, heap)
+                reference = axpy(ref, a[r], rows[r], reference, heap)
+            got = axpy4(t, a, rows, y, heap)
+            np.testing.assert_array_equal(got, one_by_one, err_msg=f"n={n} a={a}")
+            magnitude = np.abs(y) + sum(abs(a[r]) * np.abs(w[r]) for r in range(4))
+            assert np.all(np.abs(got - reference) <= 4e-6 * magnitude + 1e-30), f"n={n} a={a}"
+            exact = y + sum(a[r] * w[r] for r in range(4))
+            assert np.all(np.abs(got - exact) <= 4e-6 * magnitude + 1e-30), f"n={n} a={a}"
 
 
 # ------------------------------------------------------------------------------------------
