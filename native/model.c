@@ -382,6 +382,7 @@ static void down_t_task(void *ctx, int ith, int nth) {
     const ps_tensor *w = job->down_t;
     const int64_t dim = m->c.n_embd, ff = m->c.n_ff;
     const ps_type_traits *tt = ps_type_traits_for(w->type, -1);
+    const ps_type_traits *f32 = ps_type_traits_for(PS_TYPE_F32, -1);   /* once, as in attention_task */
     const size_t row_bytes = ps_row_bytes(w->type, dim);
     float *acc = m->down_acc + (int64_t)ith * MAX_BATCH * dim;
     float *row_buf = thread_tile(m, ith);
@@ -414,7 +415,7 @@ static void down_t_task(void *ctx, int ith, int nth) {
             tt->to_float(row, row_buf, dim);
             for (int b = 0; b < job->batch; b++) {
                 const float a = job->h[(int64_t)b * ff + i];
-                if (a != 0.0f) ps_axpy_f32(a, row_buf, acc + (int64_t)b * dim, dim);
+                if (a != 0.0f) f32->axpy(a, row_buf, acc + (int64_t)b * dim, dim);
             }
         }
         for (int r = 0; r < n_group; r++) tt->axpy(group_h[r], group_rows[r], acc, dim);
