@@ -1024,12 +1024,18 @@ TARGET_AVX512 INLINE __m512 sum16_avx512(const __m512 v[16]) {
 
 /* tiles of 4 rows x 4 tokens: 16 accumulators, 8 loads per 16 fmas; k's tail under a mask;
  * the tile's 16 sums reduced together, token t's 4 rows stored from 128-bit chunk t */
-TARGET_AVX512 static void gemm_avx512(const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb,
-                                      int64_t nb, int64_t k, float *c, int64_t ldc) {
+/* a's rows of type F32, F16 or BF16, converted as they are loaded (F16 pp128, 1 thread: the GEMM with
+ * the conversion inside it made 190 -> 220 GFLOP/s of a separate conversion into a float tile
+ * plus the f32 GEMM); the halves convert exactly, so the result is the f32 GEMM's on the
+ * converted rows, bit for bit */
+TARGET_AVX512 INLINE void gemm_typed_avx512(const void *a, int64_t lda, int64_t m, const float *b, int64_t ldb,
+                                            int64_t nb, int64_t k, float *c, int64_t ldc, int type) {
+    const size_t es = type == PS_TYPE_F32 ? 4 : 2;   /* bytes per element of a */
     const int64_t k16 = k - k % 16;
     int64_t i = 0;
     for (; i + 4 <= m; i += 4) {
-        const float *ar[4] = { a + i * lda, a + (i + 1) * lda, a + (i + 2) * lda, a + (i + 3) * lda };
+        const char *ar[4] = { (const char *)a + i * lda * es, (const char *)a + (i + 1) * lda * es,
+                               (const char *)a + (i + 2) * lda * es, (const char *)a + (i + 3) * lda * es };
         int64_t j = 0;
         for (; j + 4 <= nb; j += 4) {
             const float *br[4] = { b + j * ldb, b + (j + 1) * ldb, b + (j + 2) * ldb, b + (j + 3) * ldb };
@@ -1037,7 +1043,7 @@ TARGET_AVX512 static void gemm_avx512(const float *a, int64_t lda, int64_t m, co
             for (int q = 0; q < 16; q++) acc[q] = _mm512_setzero_ps();
             for (int64_t p = 0; p < k16; p += 16) {
                 __m512 va[4];
-                for (int r = 0; r < 4; r++) va[r] = _mm512_loadu_ps(ar[r] + p);
+                for (int r = 0; r < 4; r++) va[r] = load16_avx512(ar[r], p, type);
                 for (int t = 0; t < 4; t++) {
                     const __m512 vb = _mm512_loadu_ps(br[t] + p);
                     for (int r = 0; r < 4; r++) acc[4 * t + r] = _mm512_fmadd_ps(va[r], vb, acc[4 * t + r]);
@@ -1046,7 +1052,7 @@ TARGET_AVX512 static void gemm_avx512(const float *a, int64_t lda, int64_t m, co
             if (k16 < k) {
                 const __mmask16 mask = tail_mask(k - k16);
                 __m512 va[4];
-                for (int r = 0; r < 4; r++) va[r] = _mm512_maskz_loadu_ps(mask, ar[r] + k16);
+                for (int r = 0; r < 4; r++) va[r] = load16_masked_avx512(ar[r], k16, mask, type);
                 for (int t = 0; t < 4; t++) {
                     const __m512 vb = _mm512_maskz_loadu_ps(mask, br[t] + k16);
                     for (int r = 0; r < 4; r++) acc[4 * t + r] = _mm512_fmadd_ps(va[r], vb, acc[4 * t + r]);
@@ -1059,10 +1065,25 @@ TARGET_AVX512 static void gemm_avx512(const float *a, int64_t lda, int64_t m, co
             _mm_storeu_ps(c + (j + 3) * ldc + i, _mm512_extractf32x4_ps(sums, 3));
         }
         for (; j < nb; j++)
-            for (int r = 0; r < 4; r++) c[j * ldc + i + r] = dot_avx512(ar[r], b + j * ldb, k, PS_TYPE_F32);
+            for (int r = 0; r < 4; r++) c[j * ldc + i + r] = dot_avx512(ar[r], b + j * ldb, k, type);
     }
     for (; i < m; i++)
-        for (int64_t j = 0; j < nb; j++) c[j * ldc + i] = dot_avx512(a + i * lda, b + j * ldb, k, PS_TYPE_F32);
+        for (int64_t j = 0; j < nb; j++) c[j * ldc + i] = dot_avx512((const char *)a + i * lda * es, b + j * ldb, k, type);
+}
+
+TARGET_AVX512 static void gemm_avx512(const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb,
+                                      int64_t nb, int64_t k, float *c, int64_t ldc) {
+    gemm_typed_avx512(a, lda, m, b, ldb, nb, k, c, ldc, PS_TYPE_F32);
+}
+
+TARGET_AVX512 static void gemm_f16_avx512(const void *a, int64_t lda, int64_t m, const float *b, int64_t ldb,
+                                          int64_t nb, int64_t k, float *c, int64_t ldc) {
+    gemm_typed_avx512(a, lda, m, b, ldb, nb, k, c, ldc, PS_TYPE_F16);
+}
+
+TARGET_AVX512 static void gemm_bf16_avx512(const void *a, int64_t lda, int64_t m, const float *b, int64_t ldb,
+                                           int64_t nb, int64_t k, float *c, int64_t ldc) {
+    gemm_typed_avx512(a, lda, m, b, ldb, nb, k, c, ldc, PS_TYPE_BF16);
 }
 
 /* exp1_scalar's steps on 16 lanes */
@@ -1702,6 +1723,36 @@ int ps_quantize_q8_isa(int isa, const float *x, const ps_q8_vec *out, int64_t n)
 
 void ps_quantize_q8(const float *x, const ps_q8_vec *out, int64_t n) {
     ps_quantize_q8_isa(ps_kernels_best_isa(), x, out, n);
+}
+
+/* GEMMs whose a is F16 / BF16 (converted inside the kernel): AVX-512 only */
+typedef void (*gemm_half_fn)(const void *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t nb,
+                             int64_t k, float *c, int64_t ldc);
+static const gemm_half_fn isa_gemm_f16[PS_ISA_COUNT] = {
+#if defined(__x86_64__)
+    [PS_ISA_AVX512] = gemm_f16_avx512, [PS_ISA_AVX512_VNNI] = gemm_f16_avx512,
+#endif
+};
+static const gemm_half_fn isa_gemm_bf16[PS_ISA_COUNT] = {
+#if defined(__x86_64__)
+    [PS_ISA_AVX512] = gemm_bf16_avx512, [PS_ISA_AVX512_VNNI] = gemm_bf16_avx512,
+#endif
+};
+
+int ps_gemm_nt_typed_isa(int isa, int a_type, const void *a, int64_t lda, int64_t m, const float *b, int64_t ldb,
+                         int64_t nb, int64_t k, float *c, int64_t ldc) {
+    ensure_init();
+    if (isa < 0 || isa >= PS_ISA_COUNT || !available[isa]) return -1;
+    if (a_type == PS_TYPE_F32) return ps_gemm_nt_f32_isa(isa, a, lda, m, b, ldb, nb, k, c, ldc);
+    const gemm_half_fn fn = a_type == PS_TYPE_F16 ? isa_gemm_f16[isa] : a_type == PS_TYPE_BF16 ? isa_gemm_bf16[isa] : NULL;
+    if (!fn) return -1;
+    fn(a, lda, m, b, ldb, nb, k, c, ldc);
+    return 0;
+}
+
+int ps_gemm_nt_typed(int a_type, const void *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t nb,
+                     int64_t k, float *c, int64_t ldc) {
+    return ps_gemm_nt_typed_isa(ps_kernels_best_isa(), a_type, a, lda, m, b, ldb, nb, k, c, ldc);
 }
 
 int ps_gemm_nt_f32_isa(int isa, const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb,

@@ -117,6 +117,15 @@ void ps_gemm_nt_f32(const float *a, int64_t lda, int64_t m, const float *b, int6
 int ps_gemm_nt_f32_isa(int isa, const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb,
                        int64_t nb, int64_t k, float *c, int64_t ldc);
 
+/* The same with a's rows (lda elements apart) of a_type: F32, or F16 / BF16 converted as they
+ * are loaded (no float copy of a; the result is the f32 GEMM's on the converted rows, bit for
+ * bit). Returns -1, computing nothing, if the isa (the best available, for ps_gemm_nt_typed)
+ * has no such kernel: F16 and BF16 have one for AVX-512 only. */
+int ps_gemm_nt_typed(int a_type, const void *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t nb,
+                     int64_t k, float *c, int64_t ldc);
+int ps_gemm_nt_typed_isa(int isa, int a_type, const void *a, int64_t lda, int64_t m, const float *b, int64_t ldb,
+                         int64_t nb, int64_t k, float *c, int64_t ldc);
+
 /* f16 / bf16 scalar conversions (exact, round-to-nearest-even for float -> half). */
 float    ps_f16_to_f32(uint16_t h);
 uint16_t ps_f32_to_f16(float f);

@@ -721,6 +721,47 @@ def test_gemm_matches_numpy(isa_name, m, nb, k, heap):
     assert np.all(np.isnan(got[:, m:]))                        # nothing written past m
 
 
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("name", ["f16", "bf16"])
+@pytest.mark.parametrize("m,nb,k", [(16, 64, 576), (7, 5, 33), (1, 1, 1), (13, 9, 1001)])
+def test_typed_gemm_is_the_f32_gemm_of_the_converted_rows(isa_name, name, m, nb, k, heap):
+    """ps_gemm_nt_typed_isa converts F16/BF16 rows inside the kernel: the same bits as the f32
+    GEMM on the rows converted first, where the isa has such a kernel (AVX-512); elsewhere it
+    returns -1 and writes nothing (the forward pass then converts into a tile itself)."""
+    isa = require_isa(isa_name)
+    t = traits(name, lib.PS_ISA_SCALAR)
+    type_id = getattr(lib, f"PS_TYPE_{name.upper()}")
+    rng = np.random.default_rng(m * 7 + nb * 3 + k)
+    lda, ldb, ldc = k + 5, k + 1, m + 2
+    rows = np.zeros(m * lda, dtype=np.uint16)
+    src = random_floats(rng, m * lda)
+    for r in range(m):     # each row through the type's own rounding
+        t.from_float(ffi.from_buffer("float *", src[r * lda:(r + 1) * lda]),
+                     ffi.from_buffer("void *", rows[r * lda:(r + 1) * lda]), lda)
+    a = heap.put(rows, "void *")
+    a32 = heap.put(to_float(t, rows, m * lda, heap), "float *")
+    b = heap.put(random_floats(rng, nb * ldb), "float *")
+    got = heap.put(np.full(nb * ldc, np.nan, dtype=np.float32), "float *")
+    want = heap.put(np.full(nb * ldc, np.nan, dtype=np.float32), "float *")
+    rc = lib.ps_gemm_nt_typed_isa(isa, type_id, a, lda, m, b, ldb, nb, k, got, ldc)
+    if isa_name not in ("avx512", "avx512_vnni"):
+        assert rc == -1
+        assert np.all(np.isnan(read(got, np.float32, nb * ldc)))
+        return
+    assert rc == 0
+    assert lib.ps_gemm_nt_f32_isa(isa, a32, lda, m, b, ldb, nb, k, want, ldc) == 0
+    g, w = read(got, np.float32, nb * ldc), read(want, np.float32, nb * ldc)
+    assert np.array_equal(g.view(np.uint32), w.view(np.uint32))   # nan past m in both
+
+
+def test_typed_gemm_refuses_quantised_rows(heap):
+    a = heap.put(np.zeros(64, dtype=np.uint8), "void *")
+    b = heap.put(np.zeros(32, dtype=np.float32), "float *")
+    c = heap.put(np.full(1, np.nan, dtype=np.float32), "float *")
+    assert lib.ps_gemm_nt_typed(lib.PS_TYPE_Q8_0, a, 32, 1, b, 32, 1, 32, c, 1) == -1
+    assert np.isnan(read(c, np.float32, 1)[0])
+
+
 # ------------------------------------------------------------------------------------------
 # f32 operations of attention and activations (ps_f32_ops)
 
