@@ -33,7 +33,8 @@ all measured per layer over the same tg run in a separate pass with statistics o
 (statistics slow predictor mode, so the timed runs keep them off). Norm vectors, KV cache and
 activations are left out of the count: the first are a few KiB, the others are not weights.
 ``% of bandwidth`` is bytes/token × t/s ÷ the read bandwidth measured for that thread count
-(native/membw.c) over a malloc'd, touched buffer of ``--bw-mib`` MiB (default 1024: 32× a
+(native/membw.c) over a touched buffer of ``--bw-mib`` MiB, mapped asking for 2 MiB pages
+as the model is (default 1024: 32× a
 32 MiB L3, so every byte comes from DRAM; a model file of a few L3 sizes can be partly served
 from cache between tokens, so shares near or above 100% on small models mean cache hits, not
 a faster memory). See runtime/BENCHMARKS.md for measurements.
@@ -44,6 +45,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import mmap
 import statistics
 import sys
 import time
@@ -123,7 +125,14 @@ def weight_bytes_per_token(spec: ModelSpec, mode: str, layers: list[LayerStats] 
 def read_bandwidth(threads: list[int], mib: int = DEFAULT_BW_MIB, repeats: int = 5) -> dict[int, float]:
     """Bytes/s that 1.. threads read from a touched buffer of mib MiB (best of repeats)."""
     from ._native import ffi, lib
-    buf = np.empty(mib * MIB, dtype=np.uint8)
+    # anonymous memory asking for 2 MiB pages, as the model's mapping does (gguf_file.py)
+    mm = mmap.mmap(-1, mib * MIB)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    buf = np.frombuffer(mm, dtype=np.uint8)
     buf.view(np.uint64)[:] = np.arange(buf.size // 8, dtype=np.uint64)   # real pages, not the zero page
     out = {}
     for t in threads:
