@@ -22,6 +22,7 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType, quants
 
 from prosparse import constants as K
+from prosparse.gguf_file import drop_cached_pages
 
 from .checkpoint import (EMBED, LM_HEAD, NORM, DictTensors, Hyperparams, TensorSource, check_tensors,
                          hyperparams, layer_tensor)
@@ -224,6 +225,7 @@ def write_gguf(path: str | os.PathLike, arch: str, metadata: Mapping[str, Any], 
                 f.write(magic)
             f.flush()
             os.fsync(f.fileno())
+            drop_cached_pages(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:

