@@ -522,18 +522,25 @@ INLINE int64_t whole_blocks(int64_t n, int type) {
 
 /* The int8 part of an ISA: its activation quantiser and a dot per integer type. */
 typedef float (*dot_q8_fn)(const void *row, const ps_q8_vec *x, int64_t n);
+typedef void (*dot4_q8_fn)(const void *const rows[4], const ps_q8_vec *x, int64_t n, float out[4]);
 typedef struct {
     void (*quantize)(const float *x, const ps_q8_vec *out, int64_t n);
     dot_q8_fn dot[PS_TYPE_COUNT]; /* NULL for the float types */
+    dot4_q8_fn dot4[PS_TYPE_COUNT]; /* four rows at once; NULL where there is no such kernel */
 } q8_kernels;
 
-static const q8_kernels q8_scalar = {
-    quantize_q8_scalar,
-    { [PS_TYPE_Q8_0] = dot_q8_q8_0_scalar, [PS_TYPE_Q4_0] = dot_q8_q4_0_scalar, [PS_TYPE_Q4_1] = dot_q8_q4_1_scalar },
-};
+/* the table of an ISA; the last argument initialises its dot4 (four-row) entries */
+#define Q8_TABLE(isa, quantize, ...)                                                           \
+    static const q8_kernels q8_##isa = {                                                       \
+        quantize, { [PS_TYPE_Q8_0] = dot_q8_q8_0_##isa, [PS_TYPE_Q4_0] = dot_q8_q4_0_##isa,     \
+                    [PS_TYPE_Q4_1] = dot_q8_q4_1_##isa },                                      \
+        __VA_ARGS__                                                                            \
+    };
+Q8_TABLE(scalar, quantize_q8_scalar, { NULL })
 
-/* One ISA's int8 table: instantiates its generic dot_q8_<isa>(row, x, n_blocks, type). */
-#define SIMD_Q8(TARGET, isa, quantize)                                                         \
+/* One ISA's int8 table: instantiates its generic dot_q8_<isa>(row, x, n_blocks, type) and, with
+ * SIMD_Q8_DOT4, the Q4 types' four-row dot from its dot4_q8_<isa>(rows, x, n_blocks, type, out). */
+#define SIMD_Q8_DOTS(TARGET, isa)                                                              \
     TARGET static float dot_q8_q8_0_##isa(const void *row, const ps_q8_vec *x, int64_t n) {    \
         return dot_q8_##isa(row, x, n / QK, PS_TYPE_Q8_0);                                     \
     }                                                                                          \
@@ -542,11 +549,19 @@ static const q8_kernels q8_scalar = {
     }                                                                                          \
     TARGET static float dot_q8_q4_1_##isa(const void *row, const ps_q8_vec *x, int64_t n) {    \
         return dot_q8_##isa(row, x, n / QK, PS_TYPE_Q4_1);                                     \
+    }
+#define SIMD_Q8(TARGET, isa, quantize)                                                         \
+    SIMD_Q8_DOTS(TARGET, isa)                                                                  \
+    Q8_TABLE(isa, quantize, { NULL })
+#define SIMD_Q8_DOT4(TARGET, isa, quantize)                                                    \
+    SIMD_Q8_DOTS(TARGET, isa)                                                                  \
+    TARGET static void dot4_q8_q4_0_##isa(const void *const rows[4], const ps_q8_vec *x, int64_t n, float out[4]) { \
+        dot4_q8_##isa(rows, x, n / QK, PS_TYPE_Q4_0, out);                                     \
     }                                                                                          \
-    static const q8_kernels q8_##isa = {                                                       \
-        quantize, { [PS_TYPE_Q8_0] = dot_q8_q8_0_##isa, [PS_TYPE_Q4_0] = dot_q8_q4_0_##isa,     \
-                    [PS_TYPE_Q4_1] = dot_q8_q4_1_##isa },                                      \
-    };
+    TARGET static void dot4_q8_q4_1_##isa(const void *const rows[4], const ps_q8_vec *x, int64_t n, float out[4]) { \
+        dot4_q8_##isa(rows, x, n / QK, PS_TYPE_Q4_1, out);                                     \
+    }                                                                                          \
+    Q8_TABLE(isa, quantize, { [PS_TYPE_Q4_0] = dot4_q8_q4_0_##isa, [PS_TYPE_Q4_1] = dot4_q8_q4_1_##isa })
 
 #if defined(__x86_64__)
 /* ---------------------------------------------------------------------------------------- */
@@ -1171,15 +1186,18 @@ TARGET_AVX512 INLINE void q8_operands_avx512(const void *row, int64_t c, const i
         *u = _mm512_abs_epi8(w);
         *s = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
     } else {
-        /* each block's 16 code bytes twice, then the second copy shifted: low nibbles in
-         * 128-bit lanes 0 and 2, high nibbles in lanes 1 and 3 */
-        const __m256i q0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q4_codes(row, c, type)));
-        __m512i q = _mm512_inserti64x4(_mm512_setzero_si512(), q0, 0);
-        if (two) q = _mm512_inserti64x4(q, _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q4_codes(row, c + 1, type))), 1);
+        /* each block's 16 code bytes twice (one broadcast load per block), then the second
+         * copy shifted: low nibbles in 128-bit lanes 0 and 2, high nibbles in lanes 1 and 3 */
+        __m512i q = _mm512_maskz_broadcast_i32x4(0x00ff, _mm_loadu_si128((const __m128i *)q4_codes(row, c, type)));
+        if (two) q = _mm512_mask_broadcast_i32x4(q, 0xff00, _mm_loadu_si128((const __m128i *)q4_codes(row, c + 1, type)));
         q = _mm512_srlv_epi64(q, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4));
         *u = _mm512_and_si512(q, _mm512_set1_epi8(0x0f));
         *s = x;
     }
+}
+
+TARGET_AVX512 INLINE __m512i mul_sum_avx512(__m512i u, __m512i s) {
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
 }
 
 /* v[0] and v[1] (v[0] and 0 when !two) */
@@ -1213,13 +1231,11 @@ TARGET_AVX512 INLINE __m512 q8_scales_avx512(const void *row, const ps_q8_vec *x
                                  _mm512_castps128_ps512(_mm_mul_ps(d, load_pair(x->d + c, two))));
 }
 
-TARGET_AVX512 INLINE __m512i mul_sum_avx512(__m512i u, __m512i s) {
-    return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
-}
-
-/* Generic int8 dot over nb blocks: two blocks per step, four per loop into two accumulators;
- * the offset terms in two more (see q8_scales_avx512; Q4_0's term is -8 d s, Q4_1's m s). */
-#define DOT_Q8_AVX512(TARGET, isa, MUL_SUM)                                                    \
+/* Q8_0's int8 dot: two blocks per step, four per loop into two accumulators, each step's scales
+ * from the two blocks' f16 d (q8_scales_avx512). (The four-block steps below, which read the
+ * scales of four blocks with one permute, lift Q4_1 and Q4_0 but made Q8_0 decode 9% slower
+ * from memory, though faster in cache; Q4_0's and Q4_1's offset terms, kept here, go unused.) */
+#define DOT_Q8_PAIRS_AVX512(TARGET, isa, MUL_SUM)                                                    \
     TARGET INLINE __m512 q8_step_##isa(const void *row, const ps_q8_vec *x, int64_t c, int type, int two, \
                                        __m512 acc, __m128 *off) {                              \
         __m512i u, s;                                                                          \
@@ -1227,7 +1243,7 @@ TARGET_AVX512 INLINE __m512i mul_sum_avx512(__m512i u, __m512i s) {
         return _mm512_fmadd_ps(_mm512_cvtepi32_ps(MUL_SUM(u, s)),                              \
                                q8_scales_avx512(row, x, c, type, two, off), acc);              \
     }                                                                                          \
-    TARGET INLINE float dot_q8_##isa(const void *row, const ps_q8_vec *x, int64_t nb, int type) { \
+    TARGET INLINE float dot_q8_pairs_##isa(const void *row, const ps_q8_vec *x, int64_t nb, int type) { \
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                         \
         __m128 off0 = _mm_setzero_ps(), off1 = _mm_setzero_ps();                               \
         int64_t c = 0;                                                                         \
@@ -1248,15 +1264,151 @@ TARGET_AVX512 INLINE __m512i mul_sum_avx512(__m512i u, __m512i s) {
         return sum;                                                                            \
     }
 
+
+/* The scales of Q4 blocks c..c+3 (left of them, 1-4; nothing past them is read): lanes
+ * 4k..4k+3 hold block k's d times x's d. One permute of the blocks' first 64 bytes gathers
+ * their f16 fields into 8 words (d0..d3, then Q4_1's m0..m3 or Q4_0's d0..d3 again), one
+ * vcvtph2ps and one vmulps against x's d and s make d dx and the offset terms (m s or d s) of
+ * all four blocks; the offset terms are added into *off's upper 4 lanes. */
+TARGET_AVX512 INLINE __m512 q8_scales4_avx512(const void *row, const ps_q8_vec *x, int64_t c, int type, int left,
+                                              __m256 *off) {
+    const int bb = type == PS_TYPE_Q4_0 ? (int)sizeof(block_q4_0) : (int)sizeof(block_q4_1);
+    const char *p = (const char *)row + c * bb;
+    const int bytes = left * bb;     /* readable from p */
+    const __mmask64 m0 = bytes >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << bytes) - 1;
+    const int w = bb / 2;            /* words per block */
+    const int k2 = type == PS_TYPE_Q4_1 ? 1 : 0;   /* lanes 4-7: m (Q4_1) or d again */
+    const __m512i idx = _mm512_zextsi128_si512(_mm_setr_epi16(0, w, 2 * w, 3 * w, k2, w + k2, 2 * w + k2, 3 * w + k2));
+    const __m512i f16 = _mm512_permutexvar_epi16(idx, _mm512_maskz_loadu_epi8(m0, p));
+    const __mmask8 mx = (__mmask8)((1u << left) - 1);
+    const __m256 xds = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_maskz_loadu_ps(mx, x->d + c)),
+                                            _mm_maskz_loadu_ps(mx, x->s + c), 1);
+    const __m256 prod = _mm256_mul_ps(_mm256_cvtph_ps(_mm512_castsi512_si128(f16)), xds);
+    *off = _mm256_add_ps(*off, prod);
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                 _mm512_castps256_ps512(prod));
+}
+
+/* The sum of a row's lanes, in a fixed tree (lanes i + i+8, then i + i+4, i + i+2, i + i+1),
+ * plus its offset term (Q4_1's m s, Q4_0's -8 d s: the upper 4 lanes of off, summed in the
+ * same tree); q8_finish4_avx512 forms four rows' sums with the same additions in the same
+ * order, so dot4 gives dot's bits. */
+TARGET_AVX512 INLINE __m128 q8_lanes4_avx512(__m512 acc0, __m512 acc1) {
+    const __m512 v = _mm512_add_ps(acc0, acc1);
+    const __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+}
+
+TARGET_AVX512 INLINE __m128 q8_combine_avx512(__m128 sum, __m128 off, int type) {
+    if (type == PS_TYPE_Q4_0) return _mm_sub_ps(sum, _mm_mul_ps(_mm_set1_ps(8.0f), off));
+    if (type == PS_TYPE_Q4_1) return _mm_add_ps(sum, off);
+    return sum;
+}
+
+TARGET_AVX512 INLINE float q8_finish_avx512(__m512 acc0, __m512 acc1, __m256 off0, __m256 off1, int type) {
+    const __m128 h4 = q8_lanes4_avx512(acc0, acc1);
+    const __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+    const __m128 sum = _mm_add_ss(h2, _mm_movehdup_ps(h2));
+    const __m128 o4 = _mm256_extractf128_ps(_mm256_add_ps(off0, off1), 1);
+    const __m128 o2 = _mm_add_ps(o4, _mm_movehl_ps(o4, o4));
+    return _mm_cvtss_f32(q8_combine_avx512(sum, _mm_add_ss(o2, _mm_movehdup_ps(o2)), type));
+}
+
+/* t[k] = (a[k], b[k], c[k], d[k]) */
+TARGET_AVX512 INLINE void transpose4_avx512(__m128 a, __m128 b, __m128 c, __m128 d, __m128 t[4]) {
+    const __m128 ab_lo = _mm_unpacklo_ps(a, b), ab_hi = _mm_unpackhi_ps(a, b);
+    const __m128 cd_lo = _mm_unpacklo_ps(c, d), cd_hi = _mm_unpackhi_ps(c, d);
+    t[0] = _mm_movelh_ps(ab_lo, cd_lo), t[1] = _mm_movehl_ps(cd_lo, ab_lo);
+    t[2] = _mm_movelh_ps(ab_hi, cd_hi), t[3] = _mm_movehl_ps(cd_hi, ab_hi);
+}
+
+TARGET_AVX512 INLINE void q8_finish4_avx512(const __m512 acc0[4], const __m512 acc1[4], const __m256 off0[4],
+                                            const __m256 off1[4], int type, float out[4]) {
+    __m128 t[4], o[4];
+    transpose4_avx512(q8_lanes4_avx512(acc0[0], acc1[0]), q8_lanes4_avx512(acc0[1], acc1[1]),
+                      q8_lanes4_avx512(acc0[2], acc1[2]), q8_lanes4_avx512(acc0[3], acc1[3]), t);
+    __m128 sum = _mm_add_ps(_mm_add_ps(t[0], t[2]), _mm_add_ps(t[1], t[3])), off = _mm_setzero_ps();
+    if (type != PS_TYPE_Q8_0) {
+        _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) o[r] = _mm256_extractf128_ps(_mm256_add_ps(off0[r], off1[r]), 1);
+        transpose4_avx512(o[0], o[1], o[2], o[3], t);
+        off = _mm_add_ps(_mm_add_ps(t[0], t[2]), _mm_add_ps(t[1], t[3]));
+    }
+    _mm_storeu_ps(out, q8_combine_avx512(sum, off, type));
+}
+
+/* Generic int8 dot over nb blocks, four per step: two integer dots of two blocks each (8 int32
+ * lanes per block), folded to 4 lanes per block by two 128-bit-lane shuffles and an add,
+ * converted and scaled (q8_scales4_avx512); eight per loop into two accumulators. */
+#define DOT_Q8_AVX512(TARGET, isa, MUL_SUM)                                                    \
+    DOT_Q8_PAIRS_AVX512(TARGET, isa, MUL_SUM)                                                  \
+    TARGET INLINE __m512i q8_pair_##isa(const void *row, const ps_q8_vec *x, int64_t c, int type, int two) { \
+        __m512i u, s;                                                                          \
+        q8_operands_avx512(row, c, x->qs + QK * c, type, two, &u, &s);                         \
+        return MUL_SUM(u, s);                                                                  \
+    }                                                                                          \
+    TARGET INLINE __m512 q8_step4_##isa(const void *row, const ps_q8_vec *x, int64_t c, int type, int left, \
+                                        __m512 acc, __m256 *off) {                             \
+        const __m512i r0 = q8_pair_##isa(row, x, c, type, left >= 2);                          \
+        const __m512i r1 = left >= 3 ? q8_pair_##isa(row, x, c + 2, type, left >= 4) : _mm512_setzero_si512(); \
+        const __m512i t = _mm512_add_epi32(_mm512_shuffle_i32x4(r0, r1, 0x88), _mm512_shuffle_i32x4(r0, r1, 0xdd)); \
+        return _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), q8_scales4_avx512(row, x, c, type, left, off), acc); \
+    }                                                                                          \
+    TARGET INLINE float dot_q8_##isa(const void *row, const ps_q8_vec *x, int64_t nb, int type) { \
+        if (type == PS_TYPE_Q8_0) return dot_q8_pairs_##isa(row, x, nb, type);                 \
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                         \
+        __m256 off0 = _mm256_setzero_ps(), off1 = _mm256_setzero_ps();                         \
+        int64_t c = 0;                                                                         \
+        for (; c + 8 <= nb; c += 8) {                                                          \
+            acc0 = q8_step4_##isa(row, x, c, type, 4, acc0, &off0);                            \
+            acc1 = q8_step4_##isa(row, x, c + 4, type, 4, acc1, &off1);                        \
+        }                                                                                      \
+        if (c + 4 <= nb) {                                                                     \
+            acc0 = q8_step4_##isa(row, x, c, type, 4, acc0, &off0);                            \
+            c += 4;                                                                            \
+        }                                                                                      \
+        switch (nb - c) {                                                                      \
+        case 3: acc1 = q8_step4_##isa(row, x, c, type, 3, acc1, &off1); break;                 \
+        case 2: acc1 = q8_step4_##isa(row, x, c, type, 2, acc1, &off1); break;                 \
+        case 1: acc1 = q8_step4_##isa(row, x, c, type, 1, acc1, &off1); break;                 \
+        }                                                                                      \
+        return q8_finish_avx512(acc0, acc1, off0, off1, type);                                 \
+    }                                                                                          \
+    TARGET INLINE void dot4_q8_##isa(const void *const rows[4], const ps_q8_vec *x, int64_t nb, int type, \
+                                     float out[4]) {                                           \
+        __m512 acc0[4], acc1[4];                                                               \
+        __m256 off0[4], off1[4];                                                               \
+        _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) {                                                          \
+            acc0[r] = acc1[r] = _mm512_setzero_ps();                                           \
+            off0[r] = off1[r] = _mm256_setzero_ps();                                           \
+        }                                                                                      \
+        int64_t c = 0;                                                                         \
+        for (; c + 8 <= nb; c += 8)                                                            \
+            _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) {                                                      \
+                acc0[r] = q8_step4_##isa(rows[r], x, c, type, 4, acc0[r], &off0[r]);           \
+                acc1[r] = q8_step4_##isa(rows[r], x, c + 4, type, 4, acc1[r], &off1[r]);       \
+            }                                                                                  \
+        if (c + 4 <= nb) {                                                                     \
+            _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) acc0[r] = q8_step4_##isa(rows[r], x, c, type, 4, acc0[r], &off0[r]); \
+            c += 4;                                                                            \
+        }                                                                                      \
+        _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++)                                                            \
+            switch (nb - c) {                                                                  \
+            case 3: acc1[r] = q8_step4_##isa(rows[r], x, c, type, 3, acc1[r], &off1[r]); break; \
+            case 2: acc1[r] = q8_step4_##isa(rows[r], x, c, type, 2, acc1[r], &off1[r]); break; \
+            case 1: acc1[r] = q8_step4_##isa(rows[r], x, c, type, 1, acc1[r], &off1[r]); break; \
+            }                                                                                  \
+        q8_finish4_avx512(acc0, acc1, off0, off1, type, out);                                  \
+    }
+
 DOT_Q8_AVX512(TARGET_AVX512, avx512, mul_sum_avx512)
-SIMD_Q8(TARGET_AVX512, avx512, quantize_q8_avx512)
+SIMD_Q8_DOT4(TARGET_AVX512, avx512, quantize_q8_avx512)
 
 #define TARGET_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 TARGET_AVX512_VNNI INLINE __m512i mul_sum_avx512_vnni(__m512i u, __m512i s) {
     return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
 }
 DOT_Q8_AVX512(TARGET_AVX512_VNNI, avx512_vnni, mul_sum_avx512_vnni)
-SIMD_Q8(TARGET_AVX512_VNNI, avx512_vnni, quantize_q8_avx512)
+SIMD_Q8_DOT4(TARGET_AVX512_VNNI, avx512_vnni, quantize_q8_avx512)
 #endif /* __x86_64__ */
 
 #if defined(__aarch64__)
@@ -1663,7 +1815,7 @@ static void init_tables(void) {
             const kernel_row *k = &isa_kernels[isa][t];
             traits[isa][t] = (ps_type_traits){ layouts[t].name, layouts[t].block_size, layouts[t].block_bytes,
                                                k->to_float, layouts[t].from_float, k->dot, k->axpy,
-                                               k->axpy4, isa_q8[isa]->dot[t] };
+                                               k->axpy4, isa_q8[isa]->dot[t], isa_q8[isa]->dot4[t] };
         }
     }
 }

@@ -182,7 +182,24 @@ static void matmul_rows(const matmul_target *t, const float *in, const ps_q8_vec
         const ps_q8_vec *xq = tt->dot_q8 ? in_q8 : NULL;
         const char *end = base + (size_t)rows * row_bytes;
         if (t->rows) prefetch_first_rows(base, row_bytes, t->rows, j0, j1);
-        for (int64_t j = j0; j < j1; j++) {
+        int64_t j = j0;
+        if (xq && tt->dot4_q8)   /* four rows per call where the type has a four-row kernel */
+            for (; j + 4 <= j1; j += 4) {
+                const void *row[4];
+                int64_t r[4];
+                for (int q = 0; q < 4; q++) {
+                    r[q] = t->rows ? t->rows[j + q] : j + q;
+                    row[q] = base + (size_t)r[q] * row_bytes;
+                    if (t->rows && j + q + PREFETCH_AHEAD < t->n_rows)
+                        prefetch_row(base + (size_t)t->rows[j + q + PREFETCH_AHEAD] * row_bytes, row_bytes);
+                    else if (!t->rows && end - (const char *)row[q] >= PREFETCH_BYTES + (ptrdiff_t)row_bytes)
+                        prefetch_row((const char *)row[q] + PREFETCH_BYTES, row_bytes);
+                }
+                float o[4];
+                tt->dot4_q8(row, xq, n, o);
+                for (int q = 0; q < 4; q++) t->out[r[q]] = o[q];
+            }
+        for (; j < j1; j++) {
             const int64_t r = t->rows ? t->rows[j] : j;
             const char *row = base + (size_t)r * row_bytes;
             if (t->rows && j + PREFETCH_AHEAD < t->n_rows)

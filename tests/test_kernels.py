@@ -388,7 +388,7 @@ def test_axpy4_is_four_axpys(isa_name, name, heap):
 # ------------------------------------------------------------------------------------------
 # 8-bit activations: quantiser and integer dots
 
-Q8_BLOCK_COUNTS = [1, 2, 3, 5, 17, 18, 49]      # odd counts exercise the 2- and 4-block loops' tails
+Q8_BLOCK_COUNTS = [1, 2, 3, 5, 6, 7, 17, 18, 49]   # every tail of the 2-, 4- and 8-block loops
 Q8_MIN_AMAX = np.float32(1e-30)
 
 
@@ -543,6 +543,28 @@ def test_simd_dot_q8_matches_scalar(isa_name, name, heap):
         _, magnitude = numpy_dot_q8(name, row, qs, d, s)
         got, expected = dot_q8(t, row, vec, n, heap), dot_q8(ref, row, vec, n, heap)
         assert abs(got - expected) <= 1e-6 * magnitude, f"blocks={nb}: {got} vs {expected}"
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("name", QUANTISED)
+def test_dot4_q8_gives_dot_q8s_bits(isa_name, name, heap):
+    """dot4_q8, where an isa has it, is four dot_q8 calls bit for bit: a mat-vec's rows give the
+    same results whichever way its chunks fall (threads) and wherever a take's rows start."""
+    isa = require_isa(isa_name)
+    t = traits(name, isa)
+    if t.dot4_q8 == ffi.NULL:
+        assert isa_name not in ("avx512", "avx512_vnni") or name == "q8_0"
+        return
+    rng = np.random.default_rng(19)
+    for nb in Q8_BLOCK_COUNTS + [4, 8, 12, 16, 36, 48]:
+        n = 32 * nb
+        rows = [random_row(name, n, rng, heap) for _ in range(4)]
+        vec, _ = quantize_q8(isa, q8_activation_cases(rng, nb), heap)
+        ptrs = ffi.new("void *[4]", [heap.put(r, "void *") for r in rows])
+        out = ffi.new("float[4]")
+        t.dot4_q8(ptrs, vec, n, out)
+        singles = np.array([dot_q8(t, r, vec, n, heap) for r in rows], dtype=np.float32)
+        assert np.array_equal(np.array(list(out), dtype=np.float32).view(np.uint32), singles.view(np.uint32)), nb
 
 
 @pytest.mark.parametrize("isa_name", ISAS)

@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <time.h>
 
-enum { DOT, AXPY, DOT_Q8 };
+enum { DOT, AXPY, DOT_Q8, DOT4_Q8 };
 
 static double now_s(void) {
     struct timespec ts;
@@ -31,6 +31,17 @@ static double time_pass(const ps_type_traits *t, int isa, int kernel, const char
         const double t0 = now_s();
         do {
             if (kernel == DOT_Q8) ps_quantize_q8_isa(isa, x, xq, cols);
+            if (kernel == DOT4_Q8) {   /* rows in fours, as the mat-vec calls it */
+                for (int r = 0; r + 4 <= rows; r += 4) {
+                    const void *rs[4] = { w + r * row_bytes, w + (r + 1) * row_bytes, w + (r + 2) * row_bytes,
+                                          w + (r + 3) * row_bytes };
+                    float out[4];
+                    t->dot4_q8(rs, xq, cols, out);
+                    y[r % cols] += out[0] + out[1] + out[2] + out[3];
+                }
+                passes++;
+                continue;
+            }
             for (int r = 0; r < rows; r++) {
                 const char *row = w + r * row_bytes;
                 switch (kernel) {
@@ -59,7 +70,7 @@ int main(int argc, char **argv) {
     for (long i = 0; i < (long)rows * cols; i++) src[i] = (float)((i * 7919) % 2001 - 1000) * 1e-3f;
     for (int i = 0; i < cols; i++) x[i] = (float)(i % 13) - 6.0f;
 
-    printf("%d x %d, GB/s of weights: dot / axpy / dot_q8 (integer types)\n%-6s", rows, cols, "");
+    printf("%d x %d, GB/s of weights: dot / axpy / dot_q8 (integer types) / dot4_q8 (where an ISA has it)\n%-6s", rows, cols, "");
     for (int isa = 0; isa < PS_ISA_COUNT; isa++)
         if (ps_kernels_isa_available(isa)) printf(" %24s", ps_kernels_isa_name(isa));
     printf("\n");
@@ -77,6 +88,8 @@ int main(int argc, char **argv) {
                    gb / time_pass(t, isa, AXPY, w, row_bytes, rows, cols, x, &xq, y));
             if (t->dot_q8) printf(" / %6.1f", gb / time_pass(t, isa, DOT_Q8, w, row_bytes, rows, cols, x, &xq, y));
             else           printf("   %6s", "-");
+            if (t->dot4_q8) printf(" / %6.1f", gb / time_pass(t, isa, DOT4_Q8, w, row_bytes, rows, cols, x, &xq, y));
+            else            printf("   %6s", "-");
         }
         printf("\n");
         free(w);
