@@ -1336,21 +1336,49 @@ TARGET_AVX512 INLINE void q8_finish4_avx512(const __m512 acc0[4], const __m512 a
     _mm_storeu_ps(out, q8_combine_avx512(sum, off, type));
 }
 
+/* word indices that gather four consecutive Q4 blocks' 16 code bytes each into 128-bit lanes
+ * 0-3, from the 128 bytes of two vectors starting at the first block (permutex2var_epi16) */
+TARGET_AVX512 INLINE __m512i q4_code_words(int type) {
+    const int w = type == PS_TYPE_Q4_0 ? (int)sizeof(block_q4_0) / 2 : (int)sizeof(block_q4_1) / 2;
+    const int first = type == PS_TYPE_Q4_0 ? 1 : 2;   /* the codes follow d (and m) */
+    const __m512i lane = _mm512_setr_epi32(0, 0, 0, 0, w, w, w, w, 2 * w, 2 * w, 2 * w, 2 * w, 3 * w, 3 * w, 3 * w, 3 * w);
+    /* dword i holds words 2i, 2i+1: within a lane, words 0..7 of the block's codes */
+    const __m512i within = _mm512_setr_epi32(0x00010000, 0x00030002, 0x00050004, 0x00070006, 0x00010000, 0x00030002,
+                                             0x00050004, 0x00070006, 0x00010000, 0x00030002, 0x00050004, 0x00070006,
+                                             0x00010000, 0x00030002, 0x00050004, 0x00070006);
+    const __m512i base = _mm512_add_epi32(lane, _mm512_set1_epi32(first));
+    return _mm512_add_epi16(within, _mm512_or_si512(base, _mm512_slli_epi32(base, 16)));
+}
+
 /* Generic int8 dot over nb blocks, four per step: two integer dots of two blocks each (8 int32
  * lanes per block), folded to 4 lanes per block by two 128-bit-lane shuffles and an add,
  * converted and scaled (q8_scales4_avx512); eight per loop into two accumulators. */
-#define DOT_Q8_AVX512(TARGET, isa, MUL_SUM)                                                    \
+#define DOT_Q8_AVX512(TARGET, isa, MUL_SUM, MUL_ACC)                                           \
     DOT_Q8_PAIRS_AVX512(TARGET, isa, MUL_SUM)                                                  \
-    TARGET INLINE __m512i q8_pair_##isa(const void *row, const ps_q8_vec *x, int64_t c, int type, int two) { \
-        __m512i u, s;                                                                          \
-        q8_operands_avx512(row, c, x->qs + QK * c, type, two, &u, &s);                         \
-        return MUL_SUM(u, s);                                                                  \
+    /* Q4 blocks c..c+3 (left of them; nothing past them is read): 128-bit lane k holds block    \
+     * c+k's integer dot as 4 partial sums. One word permute of the blocks' 80 (Q4_0: 72) bytes \
+     * puts their code bytes side by side: the low nibbles are weights 0-15, the high nibbles    \
+     * 16-31, so x's halves are regrouped to match (lower halves of the four blocks, then upper  \
+     * halves: two shuffles, shared by dot4's rows). */                                         \
+    TARGET INLINE __m512i q4_quad_##isa(const void *row, const ps_q8_vec *x, int64_t c, int type, int left) { \
+        const int bb = type == PS_TYPE_Q4_0 ? (int)sizeof(block_q4_0) : (int)sizeof(block_q4_1); \
+        const char *p = (const char *)row + c * bb;                                            \
+        const int bytes = left * bb;                                                           \
+        const __mmask64 m0 = bytes >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << bytes) - 1;        \
+        const __mmask64 m1 = bytes <= 64 ? 0 : ((__mmask64)1 << (bytes - 64)) - 1;             \
+        const __m512i codes = _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi8(m0, p), q4_code_words(type), \
+                                                        _mm512_maskz_loadu_epi8(m1, p + 64));  \
+        const __m512i m4 = _mm512_set1_epi8(0x0f);                                             \
+        const int8_t *xq = x->qs + QK * c;                                                     \
+        const __m512i x0 = left >= 2 ? _mm512_loadu_si512(xq) : _mm512_maskz_loadu_epi8(0xffffffffULL, xq); \
+        const __m512i x1 = left >= 4 ? _mm512_loadu_si512(xq + 64)                             \
+                         : left == 3 ? _mm512_maskz_loadu_epi8(0xffffffffULL, xq + 64) : _mm512_setzero_si512(); \
+        const __m512i lo = MUL_ACC(_mm512_setzero_si512(), _mm512_and_si512(codes, m4), _mm512_shuffle_i64x2(x0, x1, 0x88)); \
+        return MUL_ACC(lo, _mm512_and_si512(_mm512_srli_epi16(codes, 4), m4), _mm512_shuffle_i64x2(x0, x1, 0xdd)); \
     }                                                                                          \
     TARGET INLINE __m512 q8_step4_##isa(const void *row, const ps_q8_vec *x, int64_t c, int type, int left, \
                                         __m512 acc, __m256 *off) {                             \
-        const __m512i r0 = q8_pair_##isa(row, x, c, type, left >= 2);                          \
-        const __m512i r1 = left >= 3 ? q8_pair_##isa(row, x, c + 2, type, left >= 4) : _mm512_setzero_si512(); \
-        const __m512i t = _mm512_add_epi32(_mm512_shuffle_i32x4(r0, r1, 0x88), _mm512_shuffle_i32x4(r0, r1, 0xdd)); \
+        const __m512i t = q4_quad_##isa(row, x, c, type, left);                                \
         return _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), q8_scales4_avx512(row, x, c, type, left, off), acc); \
     }                                                                                          \
     TARGET INLINE float dot_q8_##isa(const void *row, const ps_q8_vec *x, int64_t nb, int type) { \
@@ -1400,14 +1428,20 @@ TARGET_AVX512 INLINE void q8_finish4_avx512(const __m512 acc0[4], const __m512 a
         q8_finish4_avx512(acc0, acc1, off0, off1, type, out);                                  \
     }
 
-DOT_Q8_AVX512(TARGET_AVX512, avx512, mul_sum_avx512)
+TARGET_AVX512 INLINE __m512i mul_acc_avx512(__m512i acc, __m512i u, __m512i s) {
+    return _mm512_add_epi32(acc, mul_sum_avx512(u, s));
+}
+DOT_Q8_AVX512(TARGET_AVX512, avx512, mul_sum_avx512, mul_acc_avx512)
 SIMD_Q8_DOT4(TARGET_AVX512, avx512, quantize_q8_avx512)
 
 #define TARGET_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 TARGET_AVX512_VNNI INLINE __m512i mul_sum_avx512_vnni(__m512i u, __m512i s) {
     return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
 }
-DOT_Q8_AVX512(TARGET_AVX512_VNNI, avx512_vnni, mul_sum_avx512_vnni)
+TARGET_AVX512_VNNI INLINE __m512i mul_acc_avx512_vnni(__m512i acc, __m512i u, __m512i s) {
+    return _mm512_dpbusd_epi32(acc, u, s);
+}
+DOT_Q8_AVX512(TARGET_AVX512_VNNI, avx512_vnni, mul_sum_avx512_vnni, mul_acc_avx512_vnni)
 SIMD_Q8_DOT4(TARGET_AVX512_VNNI, avx512_vnni, quantize_q8_avx512)
 #endif /* __x86_64__ */
 
