@@ -1936,6 +1936,12 @@ int ps_gemm_nt_typed_isa(int isa, int a_type, const void *a, int64_t lda, int64_
     return 0;
 }
 
+int ps_gemm_nt_typed_supported(int a_type) {
+    const int isa = ps_kernels_best_isa();
+    return a_type == PS_TYPE_F32 || (a_type == PS_TYPE_F16 && isa_gemm_f16[isa]) ||
+           (a_type == PS_TYPE_BF16 && isa_gemm_bf16[isa]);
+}
+
 int ps_gemm_nt_typed(int a_type, const void *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t nb,
                      int64_t k, float *c, int64_t ldc) {
     return ps_gemm_nt_typed_isa(ps_kernels_best_isa(), a_type, a, lda, m, b, ldb, nb, k, c, ldc);

@@ -126,6 +126,7 @@ int ps_gemm_nt_f32_isa(int isa, const float *a, int64_t lda, int64_t m, const fl
  * are loaded (no float copy of a; the result is the f32 GEMM's on the converted rows, bit for
  * bit). Returns -1, computing nothing, if the isa (the best available, for ps_gemm_nt_typed)
  * has no such kernel: F16 and BF16 have one for AVX-512 only. */
+int ps_gemm_nt_typed_supported(int a_type);   /* 1 if ps_gemm_nt_typed takes a_type here */
 int ps_gemm_nt_typed(int a_type, const void *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t nb,
                      int64_t k, float *c, int64_t ldc);
 int ps_gemm_nt_typed_isa(int isa, int a_type, const void *a, int64_t lda, int64_t m, const float *b, int64_t ldb,

@@ -210,15 +210,17 @@ static void matmul_rows(const matmul_target *t, const float *in, const ps_q8_vec
         }
         return;
     }
+    /* F32 rows as they are and F16 / BF16 rows where the GEMM converts them itself; others
+     * dequantised into the thread's tile first */
+    const int direct = ps_gemm_nt_typed_supported(w->type);
+    if (!direct)
+        for (int64_t j = j0; j < j1; j++) tt->to_float(base + (size_t)j * row_bytes, tile + (j - j0) * n, n);
     /* the next tile's rows (this thread's or another's next take) start arriving while this
      * one multiplies: each tile's rows are read once per chunk, mostly from memory, and the
-     * dequantisation below otherwise waits for them */
+     * dequantisation otherwise waits for them */
     for (int64_t j = j1; j < j1 + (j1 - j0) && j < rows; j++) prefetch_row(base + (size_t)j * row_bytes, row_bytes);
-    const char *a = base + (size_t)j0 * row_bytes;   /* batches use all rows */
-    /* F32 rows as they are; F16 / BF16 rows converted inside the GEMM where it can */
-    if (ps_gemm_nt_typed(w->type, a, n, j1 - j0, in, n, batch, n, t->out + j0, rows) == 0) return;
-    for (int64_t j = j0; j < j1; j++) tt->to_float(base + (size_t)j * row_bytes, tile + (j - j0) * n, n);
-    ps_gemm_nt_f32(tile, n, j1 - j0, in, n, batch, n, t->out + j0, rows);
+    if (direct) ps_gemm_nt_typed(w->type, base + (size_t)j0 * row_bytes, n, j1 - j0, in, n, batch, n, t->out + j0, rows);
+    else        ps_gemm_nt_f32(tile, n, j1 - j0, in, n, batch, n, t->out + j0, rows);
 }
 
 /* items per take of a single-token job: ~CHUNKS_PER_THREAD takes per thread, a multiple of 16 */

@@ -776,12 +776,17 @@ def test_typed_gemm_is_the_f32_gemm_of_the_converted_rows(isa_name, name, m, nb,
     assert np.array_equal(g.view(np.uint32), w.view(np.uint32))   # nan past m in both
 
 
-def test_typed_gemm_refuses_quantised_rows(heap):
+def test_typed_gemm_refuses_quantised_rows_and_says_what_it_takes(heap):
     a = heap.put(np.zeros(64, dtype=np.uint8), "void *")
     b = heap.put(np.zeros(32, dtype=np.float32), "float *")
     c = heap.put(np.full(1, np.nan, dtype=np.float32), "float *")
     assert lib.ps_gemm_nt_typed(lib.PS_TYPE_Q8_0, a, 32, 1, b, 32, 1, 32, c, 1) == -1
     assert np.isnan(read(c, np.float32, 1)[0])
+    assert lib.ps_gemm_nt_typed_supported(lib.PS_TYPE_Q8_0) == 0
+    assert lib.ps_gemm_nt_typed_supported(lib.PS_TYPE_F32) == 1
+    avx512 = lib.ps_kernels_best_isa() in (lib.PS_ISA_AVX512, lib.PS_ISA_AVX512_VNNI)
+    for half in (lib.PS_TYPE_F16, lib.PS_TYPE_BF16):
+        assert lib.ps_gemm_nt_typed_supported(half) == int(avx512)
 
 
 # ------------------------------------------------------------------------------------------
