@@ -539,7 +539,7 @@ typedef struct {
 Q8_TABLE(scalar, quantize_q8_scalar, { NULL })
 
 /* One ISA's int8 table: instantiates its generic dot_q8_<isa>(row, x, n_blocks, type) and, with
- * SIMD_Q8_DOT4, the Q4 types' four-row dot from its dot4_q8_<isa>(rows, x, n_blocks, type, out). */
+ * SIMD_Q8_DOT4, the Q4 types' four-row dots from its dot4_q8_<isa>(rows, x, n_blocks, type, out). */
 #define SIMD_Q8_DOTS(TARGET, isa)                                                              \
     TARGET static float dot_q8_q8_0_##isa(const void *row, const ps_q8_vec *x, int64_t n) {    \
         return dot_q8_##isa(row, x, n / QK, PS_TYPE_Q8_0);                                     \
@@ -1174,94 +1174,64 @@ TARGET_AVX512 static void quantize_q8_avx512(const float *x, const ps_q8_vec *ou
     }
 }
 
-/* blocks c and c+1 as u, s (see q8_operands_avx2), block c in the low half; with two = 0 only
- * block c, the high half zero (nothing past it is read) */
-TARGET_AVX512 INLINE void q8_operands_avx512(const void *row, int64_t c, const int8_t *xq, int type, int two,
-                                             __m512i *u, __m512i *s) {
+/* Q8_0 blocks c and c+1 as u, s (see q8_operands_avx2), block c in the low half; with two = 0
+ * only block c, the high half zero (nothing past it is read) */
+TARGET_AVX512 INLINE void q8_0_operands_avx512(const void *row, int64_t c, const int8_t *xq, int two,
+                                               __m512i *u, __m512i *s) {
     const __m512i x = two ? _mm512_loadu_si512(xq) : _mm512_maskz_loadu_epi8(0xffffffffULL, xq);
-    if (type == PS_TYPE_Q8_0) {
-        const block_q8_0 *b = (const block_q8_0 *)row + c;
-        const __m512i w0 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_loadu_si256((const __m256i *)b[0].qs), 0);
-        const __m512i w = two ? _mm512_inserti64x4(w0, _mm256_loadu_si256((const __m256i *)b[1].qs), 1) : w0;
-        *u = _mm512_abs_epi8(w);
-        *s = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
-    } else {
-        /* each block's 16 code bytes twice (one broadcast load per block), then the second
-         * copy shifted: low nibbles in 128-bit lanes 0 and 2, high nibbles in lanes 1 and 3 */
-        __m512i q = _mm512_maskz_broadcast_i32x4(0x00ff, _mm_loadu_si128((const __m128i *)q4_codes(row, c, type)));
-        if (two) q = _mm512_mask_broadcast_i32x4(q, 0xff00, _mm_loadu_si128((const __m128i *)q4_codes(row, c + 1, type)));
-        q = _mm512_srlv_epi64(q, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4));
-        *u = _mm512_and_si512(q, _mm512_set1_epi8(0x0f));
-        *s = x;
-    }
+    const block_q8_0 *b = (const block_q8_0 *)row + c;
+    const __m512i w0 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_loadu_si256((const __m256i *)b[0].qs), 0);
+    const __m512i w = two ? _mm512_inserti64x4(w0, _mm256_loadu_si256((const __m256i *)b[1].qs), 1) : w0;
+    *u = _mm512_abs_epi8(w);
+    *s = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
 }
 
 TARGET_AVX512 INLINE __m512i mul_sum_avx512(__m512i u, __m512i s) {
     return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
 }
 
-/* v[0] and v[1] (v[0] and 0 when !two) */
+/* x's d of block c and c+1 (c+1's is 0 when !two) */
 TARGET_AVX512 INLINE __m128 load_pair(const float *v, int two) {
     return two ? _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)v)) : _mm_load_ss(v);
 }
 
-/* The lanes' scales: weight d * x's d of block c in lanes 0-7, of block c+1 in 8-15 (zero
- * when !two). *off accumulates the offset terms (k * x's s, k = Q4_1's m or Q4_0's d): Q4_1's
- * in lanes 1 and 3, Q4_0's in lanes 0 and 1. One vcvtph2ps converts the f16 fields of both
- * blocks (Q4_1's d and m are adjacent: one load per block), one vmulps scales them. */
-TARGET_AVX512 INLINE __m512 q8_scales_avx512(const void *row, const ps_q8_vec *x, int64_t c, int type, int two,
-                                             __m128 *off) {
-    if (type == PS_TYPE_Q4_1) {
-        const block_q4_1 *b = (const block_q4_1 *)row + c;
-        uint32_t dm0, dm1 = 0;
-        memcpy(&dm0, &b[0], sizeof dm0);
-        if (two) memcpy(&dm1, &b[1], sizeof dm1);
-        const __m128 dm = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)((uint64_t)dm0 | (uint64_t)dm1 << 32)));
-        const __m128 prod = _mm_mul_ps(dm, _mm_unpacklo_ps(load_pair(x->d + c, two), load_pair(x->s + c, two)));
-        *off = _mm_add_ps(*off, prod);                                    /* d0dx0 m0s0 d1dx1 m1s1 */
-        return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
-                                     _mm512_castps128_ps512(prod));
-    }
-    uint16_t d0, m0, d1 = 0, m1;
-    block_halves(row, c, type, &d0, &m0);
-    if (two) block_halves(row, c + 1, type, &d1, &m1);
+/* The lanes' scales: Q8_0 block c's d times x's d in lanes 0-7, block c+1's in 8-15 (zero when
+ * !two); one vcvtph2ps converts both blocks' d */
+TARGET_AVX512 INLINE __m512 q8_0_scales_avx512(const void *row, const ps_q8_vec *x, int64_t c, int two) {
+    const block_q8_0 *b = (const block_q8_0 *)row + c;
+    const uint16_t d0 = b[0].d, d1 = two ? b[1].d : 0;
     const __m128 d = _mm_cvtph_ps(_mm_cvtsi32_si128((int)((uint32_t)d0 | (uint32_t)d1 << 16)));   /* d0 d1 */
-    if (type == PS_TYPE_Q4_0) *off = _mm_add_ps(*off, _mm_mul_ps(d, load_pair(x->s + c, two)));
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
                                  _mm512_castps128_ps512(_mm_mul_ps(d, load_pair(x->d + c, two))));
 }
 
 /* Q8_0's int8 dot: two blocks per step, four per loop into two accumulators, each step's scales
- * from the two blocks' f16 d (q8_scales_avx512). (The four-block steps below, which read the
- * scales of four blocks with one permute, lift Q4_1 and Q4_0 but made Q8_0 decode 9% slower
- * from memory, though faster in cache; Q4_0's and Q4_1's offset terms, kept here, go unused.) */
-#define DOT_Q8_PAIRS_AVX512(TARGET, isa, MUL_SUM)                                                    \
-    TARGET INLINE __m512 q8_step_##isa(const void *row, const ps_q8_vec *x, int64_t c, int type, int two, \
-                                       __m512 acc, __m128 *off) {                              \
+ * from the two blocks' f16 d. No four-row form: Q8_0 decode ran 5-10% slower from memory with
+ * four rows interleaved (this step per row, the sums formed together), and also with four-block
+ * steps like the Q4 types' below (one permute for four blocks' scales), though both were as
+ * fast or faster in cache. */
+#define DOT_Q8_0_AVX512(TARGET, isa, MUL_SUM)                                                  \
+    TARGET INLINE __m512 q8_0_step_##isa(const void *row, const ps_q8_vec *x, int64_t c, int two, __m512 acc) { \
         __m512i u, s;                                                                          \
-        q8_operands_avx512(row, c, x->qs + QK * c, type, two, &u, &s);                         \
-        return _mm512_fmadd_ps(_mm512_cvtepi32_ps(MUL_SUM(u, s)),                              \
-                               q8_scales_avx512(row, x, c, type, two, off), acc);              \
+        q8_0_operands_avx512(row, c, x->qs + QK * c, two, &u, &s);                             \
+        return _mm512_fmadd_ps(_mm512_cvtepi32_ps(MUL_SUM(u, s)), q8_0_scales_avx512(row, x, c, two), acc); \
     }                                                                                          \
-    TARGET INLINE float dot_q8_pairs_##isa(const void *row, const ps_q8_vec *x, int64_t nb, int type) { \
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                         \
-        __m128 off0 = _mm_setzero_ps(), off1 = _mm_setzero_ps();                               \
+    TARGET INLINE void q8_0_row_##isa(const void *row, const ps_q8_vec *x, int64_t nb, __m512 *acc0, __m512 *acc1) { \
         int64_t c = 0;                                                                         \
         for (; c + 4 <= nb; c += 4) {                                                          \
-            acc0 = q8_step_##isa(row, x, c, type, 1, acc0, &off0);                             \
-            acc1 = q8_step_##isa(row, x, c + 2, type, 1, acc1, &off1);                         \
+            *acc0 = q8_0_step_##isa(row, x, c, 1, *acc0);                                      \
+            *acc1 = q8_0_step_##isa(row, x, c + 2, 1, *acc1);                                  \
         }                                                                                      \
         if (c + 2 <= nb) {                                                                     \
-            acc0 = q8_step_##isa(row, x, c, type, 1, acc0, &off0);                             \
+            *acc0 = q8_0_step_##isa(row, x, c, 1, *acc0);                                      \
             c += 2;                                                                            \
         }                                                                                      \
-        if (c < nb) acc1 = q8_step_##isa(row, x, c, type, 0, acc1, &off1);                     \
-        const float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));                     \
-        float o[4];                                                                            \
-        _mm_storeu_ps(o, _mm_add_ps(off0, off1));                                              \
-        if (type == PS_TYPE_Q4_0) return sum - 8.0f * (o[0] + o[1]);                           \
-        if (type == PS_TYPE_Q4_1) return sum + (o[1] + o[3]);                                  \
-        return sum;                                                                            \
+        if (c < nb) *acc1 = q8_0_step_##isa(row, x, c, 0, *acc1);                              \
+    }                                                                                          \
+    TARGET INLINE float q8_0_dot_##isa(const void *row, const ps_q8_vec *x, int64_t nb) {      \
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                         \
+        q8_0_row_##isa(row, x, nb, &acc0, &acc1);                                              \
+        return q8_finish_avx512(acc0, acc1, _mm256_setzero_ps(), _mm256_setzero_ps(), PS_TYPE_Q8_0); \
     }
 
 
@@ -1354,7 +1324,7 @@ TARGET_AVX512 INLINE __m512i q4_code_words(int type) {
  * lanes per block), folded to 4 lanes per block by two 128-bit-lane shuffles and an add,
  * converted and scaled (q8_scales4_avx512); eight per loop into two accumulators. */
 #define DOT_Q8_AVX512(TARGET, isa, MUL_SUM, MUL_ACC)                                           \
-    DOT_Q8_PAIRS_AVX512(TARGET, isa, MUL_SUM)                                                  \
+    DOT_Q8_0_AVX512(TARGET, isa, MUL_SUM)                                                      \
     /* Q4 blocks c..c+3 (left of them; nothing past them is read): 128-bit lane k holds block    \
      * c+k's integer dot as 4 partial sums. One word permute of the blocks' 80 (Q4_0: 72) bytes \
      * puts their code bytes side by side: the low nibbles are weights 0-15, the high nibbles    \
@@ -1382,7 +1352,7 @@ TARGET_AVX512 INLINE __m512i q4_code_words(int type) {
         return _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), q8_scales4_avx512(row, x, c, type, left, off), acc); \
     }                                                                                          \
     TARGET INLINE float dot_q8_##isa(const void *row, const ps_q8_vec *x, int64_t nb, int type) { \
-        if (type == PS_TYPE_Q8_0) return dot_q8_pairs_##isa(row, x, nb, type);                 \
+        if (type == PS_TYPE_Q8_0) return q8_0_dot_##isa(row, x, nb);                           \
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                         \
         __m256 off0 = _mm256_setzero_ps(), off1 = _mm256_setzero_ps();                         \
         int64_t c = 0;                                                                         \
