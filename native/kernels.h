@@ -69,10 +69,11 @@ typedef struct {
     /* returns sum over blocks of the integer dot of the block's codes with x's, times the
      * scales (+ the Q4 offset term); x from ps_quantize_q8. NULL for the float types. */
     float (*dot_q8)(const void *row, const ps_q8_vec *x, int64_t n);
-    /* out[r] = dot_q8(rows[r], x, n) for r < 4, the same bits; the rows' final sums are formed
-     * together and x's loads shared (a mat-vec calls it per four rows; AVX-512 VNNI Q4_1 in
-     * cache, native/bench/bench_kernels: 34.8 against dot_q8's 29.8 GB/s). NULL where there is no such kernel (AVX-512 has one for Q4_0
-     * and Q4_1; Q8_0's ran slower from memory than one row at a time): call dot_q8 per row. */
+    /* out[r] = dot_q8(rows[r], x, n) for r < 4, the same bits; x's loads and shuffles are
+     * shared and the four sums formed together (a mat-vec calls it per four rows; AVX-512 VNNI
+     * Q4_1 in cache, native/bench/bench_kernels: 44.8 against dot_q8's 32.0 GB/s). NULL where
+     * there is no such kernel (AVX-512 has one for Q4_0 and Q4_1; Q8_0's ran slower from memory
+     * than one row at a time): call dot_q8 per row. */
     void  (*dot4_q8)(const void *const rows[4], const ps_q8_vec *x, int64_t n, float out[4]);
 } ps_type_traits;
 
