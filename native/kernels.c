@@ -17,6 +17,7 @@
 #include "kernels.h"
 
 #include <float.h>
+#include <stdlib.h>
 #include <math.h>
 #include <pthread.h>
 #include <string.h>
@@ -837,8 +838,40 @@ TARGET_AVX2 INLINE __m256i mul_sum_avx2(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-/* Generic int8 dot over nb blocks, one block per step into two alternating accumulators. */
-#define DOT_Q8_AVX2(TARGET, isa, MUL_SUM)                                                      \
+/* x's d (or s) of blocks c and c+1 (c+1's is 0 when !two) */
+TARGET_AVX2 INLINE __m128 load_pair_avx2(const float *v, int two) {
+    return two ? _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)v)) : _mm_load_ss(v);
+}
+
+/* Q4 blocks c and c+1 (c+1 only when two): the lanes' scales, block c's d times x's d in lanes
+ * 0-3, block c+1's in 4-7; *off accumulates the offset terms (Q4_1's m s in lanes 1 and 3,
+ * Q4_0's d s in lanes 0 and 1, to be times -8). One vcvtph2ps converts both blocks' fields. */
+TARGET_AVX2 INLINE __m256 q4_scales_avx2(const void *row, const ps_q8_vec *x, int64_t c, int type, int two,
+                                         __m128 *off) {
+    if (type == PS_TYPE_Q4_1) {
+        const block_q4_1 *b = (const block_q4_1 *)row + c;
+        uint32_t dm0, dm1 = 0;
+        memcpy(&dm0, &b[0], sizeof dm0);
+        if (two) memcpy(&dm1, &b[1], sizeof dm1);
+        const __m128 dm = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)((uint64_t)dm0 | (uint64_t)dm1 << 32)));
+        const __m128 prod = _mm_mul_ps(dm, _mm_unpacklo_ps(load_pair_avx2(x->d + c, two), load_pair_avx2(x->s + c, two)));
+        *off = _mm_add_ps(*off, prod);                                    /* d0dx0 m0s0 d1dx1 m1s1 */
+        return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(prod), _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2));
+    }
+    const block_q4_0 *b = (const block_q4_0 *)row + c;
+    const uint16_t d0 = b[0].d, d1 = two ? b[1].d : 0;
+    const __m128 d = _mm_cvtph_ps(_mm_cvtsi32_si128((int)((uint32_t)d0 | (uint32_t)d1 << 16)));   /* d0 d1 */
+    *off = _mm_add_ps(*off, _mm_mul_ps(d, load_pair_avx2(x->s + c, two)));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_mul_ps(d, load_pair_avx2(x->d + c, two))),
+                                    _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
+/* Int8 dots over nb blocks. Q8_0: one block per step into two alternating accumulators. Q4: two
+ * blocks per step, their code bytes side by side in one vector (low nibbles are weights 0-15,
+ * high nibbles 16-31) and x's halves regrouped to match, so that 128-bit lane k holds block
+ * c+k's dot as 4 partial sums and one scale vector serves both blocks (as the AVX-512 Q4 steps
+ * do with four). */
+#define DOT_Q8_AVX2(TARGET, isa, MUL_SUM, MUL_ACC)                                             \
     TARGET INLINE __m256 q8_step_##isa(const void *row, const ps_q8_vec *x, int64_t c, int type, \
                                        __m256 acc, float *off_sum) {                           \
         __m256i u, s;                                                                          \
@@ -848,19 +881,51 @@ TARGET_AVX2 INLINE __m256i mul_sum_avx2(__m256i u, __m256i s) {
         if (type != PS_TYPE_Q8_0) *off_sum += off * x->s[c];                                   \
         return _mm256_fmadd_ps(_mm256_cvtepi32_ps(MUL_SUM(u, s)), _mm256_set1_ps(d * x->d[c]), acc); \
     }                                                                                          \
+    TARGET INLINE __m256 q4_step2_##isa(const void *row, const ps_q8_vec *x, int64_t c, int type, int two, \
+                                        __m256 acc, __m128 *off) {                             \
+        const __m128i c0 = _mm_loadu_si128((const __m128i *)q4_codes(row, c, type));           \
+        const __m128i c1 = two ? _mm_loadu_si128((const __m128i *)q4_codes(row, c + 1, type)) : _mm_setzero_si128(); \
+        const __m256i codes = _mm256_set_m128i(c1, c0), m4 = _mm256_set1_epi8(0x0f);           \
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(x->qs + QK * c));              \
+        const __m256i x1 = two ? _mm256_loadu_si256((const __m256i *)(x->qs + QK * (c + 1))) : _mm256_setzero_si256(); \
+        const __m256i lo = MUL_ACC(_mm256_setzero_si256(), _mm256_and_si256(codes, m4),        \
+                                   _mm256_permute2x128_si256(x0, x1, 0x20));                   \
+        const __m256i t = MUL_ACC(lo, _mm256_and_si256(_mm256_srli_epi16(codes, 4), m4),       \
+                                  _mm256_permute2x128_si256(x0, x1, 0x31));                    \
+        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), q4_scales_avx2(row, x, c, type, two, off), acc); \
+    }                                                                                          \
     TARGET INLINE float dot_q8_##isa(const void *row, const ps_q8_vec *x, int64_t nb, int type) { \
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                         \
-        float off0 = 0.0f, off1 = 0.0f;                                                        \
         int64_t c = 0;                                                                         \
-        for (; c + 2 <= nb; c += 2) {                                                          \
-            acc0 = q8_step_##isa(row, x, c, type, acc0, &off0);                                \
-            acc1 = q8_step_##isa(row, x, c + 1, type, acc1, &off1);                            \
+        if (type == PS_TYPE_Q8_0) {                                                            \
+            float off0 = 0.0f, off1 = 0.0f;                                                    \
+            for (; c + 2 <= nb; c += 2) {                                                      \
+                acc0 = q8_step_##isa(row, x, c, type, acc0, &off0);                            \
+                acc1 = q8_step_##isa(row, x, c + 1, type, acc1, &off1);                        \
+            }                                                                                  \
+            if (c < nb) acc0 = q8_step_##isa(row, x, c, type, acc0, &off0);                    \
+            return hsum_avx2(_mm256_add_ps(acc0, acc1));                                       \
         }                                                                                      \
-        if (c < nb) acc0 = q8_step_##isa(row, x, c, type, acc0, &off0);                        \
-        return hsum_avx2(_mm256_add_ps(acc0, acc1)) + (off0 + off1);                           \
+        __m128 off0 = _mm_setzero_ps(), off1 = _mm_setzero_ps();                               \
+        for (; c + 4 <= nb; c += 4) {                                                          \
+            acc0 = q4_step2_##isa(row, x, c, type, 1, acc0, &off0);                            \
+            acc1 = q4_step2_##isa(row, x, c + 2, type, 1, acc1, &off1);                        \
+        }                                                                                      \
+        if (c + 2 <= nb) {                                                                     \
+            acc0 = q4_step2_##isa(row, x, c, type, 1, acc0, &off0);                            \
+            c += 2;                                                                            \
+        }                                                                                      \
+        if (c < nb) acc1 = q4_step2_##isa(row, x, c, type, 0, acc1, &off1);                    \
+        float o[4];                                                                            \
+        _mm_storeu_ps(o, _mm_add_ps(off0, off1));                                              \
+        const float sum = hsum_avx2(_mm256_add_ps(acc0, acc1));                                \
+        return type == PS_TYPE_Q4_0 ? sum - 8.0f * (o[0] + o[1]) : sum + (o[1] + o[3]);        \
     }
 
-DOT_Q8_AVX2(TARGET_AVX2, avx2, mul_sum_avx2)
+TARGET_AVX2 INLINE __m256i mul_acc_avx2(__m256i acc, __m256i u, __m256i s) {
+    return _mm256_add_epi32(acc, mul_sum_avx2(u, s));
+}
+DOT_Q8_AVX2(TARGET_AVX2, avx2, mul_sum_avx2, mul_acc_avx2)
 SIMD_Q8(TARGET_AVX2, avx2, quantize_q8_avx2)
 
 #if HAVE_AVX_VNNI
@@ -868,7 +933,10 @@ SIMD_Q8(TARGET_AVX2, avx2, quantize_q8_avx2)
 TARGET_AVX2_VNNI INLINE __m256i mul_sum_avx2_vnni(__m256i u, __m256i s) {
     return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
 }
-DOT_Q8_AVX2(TARGET_AVX2_VNNI, avx2_vnni, mul_sum_avx2_vnni)
+TARGET_AVX2_VNNI INLINE __m256i mul_acc_avx2_vnni(__m256i acc, __m256i u, __m256i s) {
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+}
+DOT_Q8_AVX2(TARGET_AVX2_VNNI, avx2_vnni, mul_sum_avx2_vnni, mul_acc_avx2_vnni)
 SIMD_Q8(TARGET_AVX2_VNNI, avx2_vnni, quantize_q8_avx2)
 #endif
 
@@ -1822,6 +1890,12 @@ static void init_tables(void) {
                                                k->axpy4, isa_q8[isa]->dot[t], isa_q8[isa]->dot4[t] };
         }
     }
+    /* PROSPARSE_ISA=<name> picks a lower instruction set this CPU has (to compare kernels, or
+     * to see what a machine without AVX-512 gets); a name not available is ignored here, and
+     * the Python runtime refuses it with the list of names (runtime/native.py) */
+    const char *want = getenv("PROSPARSE_ISA");
+    for (int isa = 0; want && isa < PS_ISA_COUNT; isa++)
+        if (available[isa] && strcmp(want, isa_names[isa]) == 0) best_isa = isa;
 }
 
 static inline void ensure_init(void) { pthread_once(&init_once, init_tables); }

@@ -77,7 +77,9 @@ typedef struct {
     void  (*dot4_q8)(const void *const rows[4], const ps_q8_vec *x, int64_t n, float out[4]);
 } ps_type_traits;
 
-/* Picks the best instruction set this CPU supports (first call does the detection). */
+/* Picks the best instruction set this CPU supports (first call does the detection), or the
+ * one the environment variable PROSPARSE_ISA names (ps_kernels_isa_name's spelling) where this
+ * CPU supports it. */
 int ps_kernels_best_isa(void);
 /* 1 if this build and this CPU can run kernels for isa. */
 int ps_kernels_isa_available(int isa);

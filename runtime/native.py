@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,22 @@ ACTIVATIONS = {"f32": lib.PS_ACTIVATIONS_F32, "q8": lib.PS_ACTIVATIONS_Q8}
 
 class NativeError(RuntimeError):
     """The C runtime refused an operation; the message says why."""
+
+
+ISA_ENV = "PROSPARSE_ISA"
+
+
+def check_isa_request() -> None:
+    """$PROSPARSE_ISA, when set, must name an instruction set this build and CPU can run (the
+    kernels then use it instead of the best one, see native/kernels.h); else NativeError."""
+    want = os.environ.get(ISA_ENV)
+    if not want:
+        return
+    name = lambda isa: ffi.string(lib.ps_kernels_isa_name(isa)).decode()   # noqa: E731
+    if name(lib.ps_kernels_best_isa()) != want:
+        usable = [name(i) for i in range(lib.PS_ISA_COUNT) if lib.ps_kernels_isa_available(i)]
+        raise NativeError(f"{ISA_ENV}={want!r} is not an instruction set this build and CPU can run; "
+                          f"use one of: {', '.join(usable)} (or unset it for the best)")
 
 
 @dataclass
@@ -58,6 +75,7 @@ class NativeModel:
 
     def __init__(self, gguf: GGUFFile, spec: ModelSpec, n_ctx: int, n_threads: int,
                  transpose_down_for_sparse: bool = False):
+        check_isa_request()
         self._gguf = gguf
         self.spec = spec
         self.n_vocab = spec.config["n_vocab"]

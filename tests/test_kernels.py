@@ -16,6 +16,9 @@ Every buffer a kernel touches is malloc'ed at exactly its size, so that under Ad
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cffi
@@ -741,6 +744,31 @@ def test_gemm_matches_numpy(isa_name, m, nb, k, heap):
     scale = np.abs(B) @ np.abs(A).T
     assert np.all(np.abs(got[:, :m] - expected) <= 1e-5 * scale + 1e-30)
     assert np.all(np.isnan(got[:, m:]))                        # nothing written past m
+
+
+def _best_isa_under(env_value: str) -> subprocess.CompletedProcess:
+    code = ("from prosparse.native import check_isa_request, ffi, lib\n"
+            "check_isa_request()\n"
+            "print(ffi.string(lib.ps_kernels_isa_name(lib.ps_kernels_best_isa())).decode())")
+    env = dict(os.environ, PROSPARSE_ISA=env_value)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("isa_name", ["scalar", "avx2"])
+def test_prosparse_isa_picks_a_lower_instruction_set(isa_name):
+    require_isa(isa_name)
+    run = _best_isa_under(isa_name)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == isa_name
+
+
+def test_prosparse_isa_refuses_a_name_this_cpu_cannot_run():
+    unavailable = [n for n, isa in ISAS.items() if not lib.ps_kernels_isa_available(isa)]
+    for value in ["avx9"] + unavailable[:1]:
+        run = _best_isa_under(value)
+        assert run.returncode != 0
+        assert f"PROSPARSE_ISA={value!r} is not an instruction set" in run.stderr
+        assert "scalar" in run.stderr                      # the names it could use instead
 
 
 @pytest.mark.parametrize("isa_name", ISAS)
