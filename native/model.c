@@ -183,8 +183,8 @@ static void matmul_rows(const matmul_target *t, const float *in, const ps_q8_vec
         const char *end = base + (size_t)rows * row_bytes;
         if (t->rows) prefetch_first_rows(base, row_bytes, t->rows, j0, j1);
         int64_t j = j0;
-        /* (the prefetch lines are written out in both loops: moved into a helper, which gcc
-         * did not inline, they cost 20-25% of decode speed) */
+        /* (the prefetch lines are written out in both loops: the same lines in an inline
+         * helper compiled to a loop 20-25% slower in decode, cause not found) */
         if (xq && tt->dot4_q8)   /* four rows per call where the type has a four-row kernel */
             for (; j + 4 <= j1; j += 4) {
                 const void *row[4];
