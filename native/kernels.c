@@ -866,6 +866,34 @@ TARGET_AVX2 INLINE __m256 q4_scales_avx2(const void *row, const ps_q8_vec *x, in
                                     _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
 
+/* The Q4 dots' final sums of k = 1 or 4 rows: each row's lanes in hsum_avx2's tree (i + i+4,
+ * then i + i+2, then i + i+1) plus its offset term (Q4_1's m s in lanes 1 and 3, Q4_0's d s in
+ * lanes 0 and 1, times -8); four rows are transposed and summed with the same additions, so a
+ * row's result does not depend on whether it came alone or in a four (the tests check it). */
+TARGET_AVX2 INLINE void q4_finish_avx2(const __m256 *acc0, const __m256 *acc1, const __m128 *off0,
+                                       const __m128 *off1, int k, int type, float *out) {
+    if (k == 1) {   /* the same additions, without the transposes */
+        const __m256 v = _mm256_add_ps(acc0[0], acc1[0]);
+        float o[4];
+        _mm_storeu_ps(o, _mm_add_ps(off0[0], off1[0]));
+        const float sum = hsum_avx2(v);
+        *out = type == PS_TYPE_Q4_0 ? sum - 8.0f * (o[0] + o[1]) : sum + (o[1] + o[3]);
+        return;
+    }
+    __m128 h[4], o[4];
+    for (int r = 0; r < 4; r++) {
+        const __m256 v = r < k ? _mm256_add_ps(acc0[r], acc1[r]) : _mm256_setzero_ps();
+        h[r] = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        o[r] = r < k ? _mm_add_ps(off0[r], off1[r]) : _mm_setzero_ps();
+    }
+    _MM_TRANSPOSE4_PS(h[0], h[1], h[2], h[3]);
+    _MM_TRANSPOSE4_PS(o[0], o[1], o[2], o[3]);
+    const __m128 sum = _mm_add_ps(_mm_add_ps(h[0], h[2]), _mm_add_ps(h[1], h[3]));
+    const __m128 res = type == PS_TYPE_Q4_0 ? _mm_sub_ps(sum, _mm_mul_ps(_mm_set1_ps(8.0f), _mm_add_ps(o[0], o[1])))
+                                            : _mm_add_ps(sum, _mm_add_ps(o[1], o[3]));
+    _mm_storeu_ps(out, res);
+}
+
 /* Int8 dots over nb blocks. Q8_0: one block per step into two alternating accumulators. Q4: two
  * blocks per step, their code bytes side by side in one vector (low nibbles are weights 0-15,
  * high nibbles 16-31) and x's halves regrouped to match, so that 128-bit lane k holds block
@@ -916,17 +944,40 @@ TARGET_AVX2 INLINE __m256 q4_scales_avx2(const void *row, const ps_q8_vec *x, in
             c += 2;                                                                            \
         }                                                                                      \
         if (c < nb) acc1 = q4_step2_##isa(row, x, c, type, 0, acc1, &off1);                    \
-        float o[4];                                                                            \
-        _mm_storeu_ps(o, _mm_add_ps(off0, off1));                                              \
-        const float sum = hsum_avx2(_mm256_add_ps(acc0, acc1));                                \
-        return type == PS_TYPE_Q4_0 ? sum - 8.0f * (o[0] + o[1]) : sum + (o[1] + o[3]);        \
+        float out;                                                                             \
+        q4_finish_avx2(&acc0, &acc1, &off0, &off1, 1, type, &out);                             \
+        return out;                                                                            \
+    }                                                                                          \
+    TARGET INLINE void dot4_q8_##isa(const void *const rows[4], const ps_q8_vec *x, int64_t nb, int type, \
+                                     float out[4]) {                                           \
+        __m256 acc0[4], acc1[4];                                                               \
+        __m128 off0[4], off1[4];                                                               \
+        _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) {                                  \
+            acc0[r] = acc1[r] = _mm256_setzero_ps();                                           \
+            off0[r] = off1[r] = _mm_setzero_ps();                                              \
+        }                                                                                      \
+        int64_t c = 0;                                                                         \
+        for (; c + 4 <= nb; c += 4)                                                            \
+            _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) {                              \
+                acc0[r] = q4_step2_##isa(rows[r], x, c, type, 1, acc0[r], &off0[r]);           \
+                acc1[r] = q4_step2_##isa(rows[r], x, c + 2, type, 1, acc1[r], &off1[r]);       \
+            }                                                                                  \
+        if (c + 2 <= nb) {                                                                     \
+            _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++)                                \
+                acc0[r] = q4_step2_##isa(rows[r], x, c, type, 1, acc0[r], &off0[r]);           \
+            c += 2;                                                                            \
+        }                                                                                      \
+        if (c < nb)                                                                            \
+            _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++)                                \
+                acc1[r] = q4_step2_##isa(rows[r], x, c, type, 0, acc1[r], &off1[r]);           \
+        q4_finish_avx2(acc0, acc1, off0, off1, 4, type, out);                                  \
     }
 
 TARGET_AVX2 INLINE __m256i mul_acc_avx2(__m256i acc, __m256i u, __m256i s) {
     return _mm256_add_epi32(acc, mul_sum_avx2(u, s));
 }
 DOT_Q8_AVX2(TARGET_AVX2, avx2, mul_sum_avx2, mul_acc_avx2)
-SIMD_Q8(TARGET_AVX2, avx2, quantize_q8_avx2)
+SIMD_Q8_DOT4(TARGET_AVX2, avx2, quantize_q8_avx2)
 
 #if HAVE_AVX_VNNI
 #define TARGET_AVX2_VNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
@@ -937,7 +988,7 @@ TARGET_AVX2_VNNI INLINE __m256i mul_acc_avx2_vnni(__m256i acc, __m256i u, __m256
     return _mm256_dpbusd_avx_epi32(acc, u, s);
 }
 DOT_Q8_AVX2(TARGET_AVX2_VNNI, avx2_vnni, mul_sum_avx2_vnni, mul_acc_avx2_vnni)
-SIMD_Q8(TARGET_AVX2_VNNI, avx2_vnni, quantize_q8_avx2)
+SIMD_Q8_DOT4(TARGET_AVX2_VNNI, avx2_vnni, quantize_q8_avx2)
 #endif
 
 /* ---------------------------------------------------------------------------------------- */
