@@ -72,8 +72,8 @@ typedef struct {
     /* out[r] = dot_q8(rows[r], x, n) for r < 4, the same bits; x's loads and shuffles are
      * shared and the four sums formed together (a mat-vec calls it per four rows; AVX-512 VNNI
      * Q4_1 in cache, native/bench/bench_kernels: 44.8 against dot_q8's 32.0 GB/s). NULL where
-     * there is no such kernel (AVX-512 has one for Q4_0 and Q4_1; Q8_0's ran slower from memory
-     * than one row at a time): call dot_q8 per row. */
+     * there is no such kernel (AVX-512 and AVX2 have one for Q4_0 and Q4_1; Q8_0's ran slower from
+     * memory than one row at a time): call dot_q8 per row. */
     void  (*dot4_q8)(const void *const rows[4], const ps_q8_vec *x, int64_t n, float out[4]);
 } ps_type_traits;
 
