@@ -476,6 +476,15 @@ static void exp_scalar(const float *x, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = exp1_scalar(x[i]);
 }
 
+static int64_t keep_at_least_scalar(float *x, int64_t n, float min, int32_t *idx) {
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (!(x[i] >= min)) x[i] = 0.0f;
+        if (x[i] != 0.0f) idx[k++] = (int32_t)i;
+    }
+    return k;
+}
+
 static void weighted_sum_scalar(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k, float *out) {
     for (int64_t i = 0; i < k; i++) out[i] = 0.0f;
     for (int64_t t = 0; t < n; t++)
@@ -1246,6 +1255,23 @@ TARGET_AVX512 static void exp_avx512(const float *x, float *y, int64_t n) {
 }
 
 /* the lanes of 16 from column i that exist in k columns */
+/* sixteen lanes at a time: the kept values stored back, their indices compress-stored */
+TARGET_AVX512 static int64_t keep_at_least_avx512(float *x, int64_t n, float min, int32_t *idx) {
+    const __m512 vmin = _mm512_set1_ps(min);
+    __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; i += 16, lane = _mm512_add_epi32(lane, _mm512_set1_epi32(16))) {
+        const __mmask16 in = tail_mask(n - i);
+        const __m512 v = _mm512_maskz_loadu_ps(in, x + i);
+        const __m512 kept = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, vmin, _CMP_GE_OQ), v);
+        _mm512_mask_storeu_ps(x + i, in, kept);
+        const __mmask16 nz = _mm512_mask_cmp_ps_mask(in, kept, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+        _mm512_mask_compressstoreu_epi32(idx + k, nz, lane);
+        k += __builtin_popcount((unsigned)nz);
+    }
+    return k;
+}
+
 TARGET_AVX512 INLINE __mmask16 column_mask(int64_t i, int64_t k) { return i >= k ? 0 : tail_mask(k - i); }
 
 /* 64 columns at a time in 4 accumulators, kept in registers over all the rows (two rows per
@@ -1836,13 +1862,13 @@ static const q8_kernels *const isa_q8[PS_ISA_COUNT] = {
 #endif
 };
 
-static const ps_f32_ops f32_ops_scalar = { exp_scalar, weighted_sum_scalar };
+static const ps_f32_ops f32_ops_scalar = { exp_scalar, weighted_sum_scalar, keep_at_least_scalar };
 #if defined(__x86_64__)
-static const ps_f32_ops f32_ops_avx2 = { exp_avx2, weighted_sum_avx2 };
-static const ps_f32_ops f32_ops_avx512 = { exp_avx512, weighted_sum_avx512 };
+static const ps_f32_ops f32_ops_avx2 = { exp_avx2, weighted_sum_avx2, keep_at_least_scalar };
+static const ps_f32_ops f32_ops_avx512 = { exp_avx512, weighted_sum_avx512, keep_at_least_avx512 };
 #endif
 #if defined(__aarch64__)
-static const ps_f32_ops f32_ops_neon = { exp_neon, weighted_sum_neon };
+static const ps_f32_ops f32_ops_neon = { exp_neon, weighted_sum_neon, keep_at_least_scalar };
 #endif
 
 /* NULL: not built (a VNNI / dotprod level has its base's) */

@@ -111,6 +111,10 @@ typedef struct {
     /* out[0..k) = sum over t < n of w[t] * rows[t*ld + 0..k) (attention's weighted sum of
      * value rows; out is kept in registers while the rows stream past) */
     void (*weighted_sum)(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k, float *out);
+    /* x[i] = x[i] >= min ? x[i] : 0 (NaN -> 0), then the indices of the non-zero x[i] go to
+     * idx in increasing order; returns their count. The sparse FFN's gate: ReLU with min the
+     * smallest positive float (x > 0), FATReLU with min its threshold. */
+    int64_t (*keep_at_least)(float *x, int64_t n, float min, int32_t *idx);
 } ps_f32_ops;
 
 /* the table of isa (-1: the best available); NULL if the isa is unavailable */

@@ -9,6 +9,7 @@
 #include "kernels.h"
 #include "threadpool.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -469,6 +470,10 @@ static void down_t_product(ps_model *m, const ps_tensor *down_t, const float *h,
 /* neurons[] = those of candidates (or all when NULL) whose activated gate is non-zero;
  * m->hb holds act(gate) afterwards. Returns their count. */
 static int64_t collect_active(ps_model *m, const int32_t *candidates, int64_t n_candidates, int32_t *neurons) {
+    if (!candidates && m->c.activation != PS_ACT_SILU)   /* all neurons, ReLU / FATReLU: vectorised */
+        return ps_f32_ops_for(-1)->keep_at_least(m->hb, n_candidates,
+                                                 m->c.activation == PS_ACT_RELU ? FLT_TRUE_MIN : m->c.act_threshold,
+                                                 neurons);
     int64_t n = 0;
     for (int64_t j = 0; j < n_candidates; j++) {
         const int32_t i = candidates ? candidates[j] : (int32_t)j;

@@ -890,6 +890,31 @@ def test_weighted_sum_matches_numpy(isa_name, n, k, heap):
     assert np.isnan(got[k])                                     # nothing written past k
 
 
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 100, 1536])
+@pytest.mark.parametrize("min_value", [float(np.finfo(np.float32).smallest_subnormal), 0.5, -0.25])
+def test_keep_at_least_matches_numpy(isa_name, n, min_value, heap):
+    """The sparse FFN's gate: values below min (and NaN) become 0, the indices of the non-zero
+    values come out in order; ReLU is min = the smallest positive float (so -0.0, 0 and every
+    negative go, every positive stays, subnormals included)."""
+    ops = lib.ps_f32_ops_for(require_isa(isa_name))
+    rng = np.random.default_rng(n + 7)
+    x = rng.standard_normal(n).astype(np.float32)
+    specials = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, 1e-45, -1e-45, 0.5, -0.25, 0.49999997],
+                        dtype=np.float32)
+    x[:min(n, len(specials))] = specials[:min(n, len(specials))]
+    xp = heap.put(np.concatenate([x, np.float32([7.0])]), "float *")      # a guard past n
+    idx = heap.put(np.full(n + 1, -1, dtype=np.int32), "int32_t *")
+    count = ops.keep_at_least(xp, n, min_value, idx)
+    kept = np.where(x >= np.float32(min_value), x, np.float32(0))
+    got = read(xp, np.float32, n + 1)
+    assert np.array_equal(got[:n].view(np.uint32), kept.view(np.uint32))
+    assert got[n] == 7.0                                                   # nothing written past n
+    expected_idx = np.flatnonzero(kept != 0)
+    assert count == len(expected_idx)
+    assert np.array_equal(read(idx, np.int32, n + 1)[:count], expected_idx)
+
+
 def test_f32_ops_lookup():
     assert lib.ps_f32_ops_for(-1) == lib.ps_f32_ops_for(lib.ps_kernels_best_isa())
     for bad in (-2, lib.PS_ISA_COUNT, 99):
