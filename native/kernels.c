@@ -817,28 +817,13 @@ TARGET_AVX2 static void quantize_q8_avx2(const float *x, const ps_q8_vec *out, i
     }
 }
 
-/* d and the offset coefficient (-8d for Q4_0, m for Q4_1, 0 for Q8_0) of block c */
-TARGET_AVX2 INLINE void block_scales_x86(const void *row, int64_t c, int type, float *d, float *off) {
-    uint16_t dh, mh;
-    block_halves(row, c, type, &dh, &mh);
-    *d = _cvtsh_ss(dh);
-    *off = type == PS_TYPE_Q4_0 ? -8.0f * *d : type == PS_TYPE_Q4_1 ? _cvtsh_ss(mh) : 0.0f;
-}
-
-/* block c of a row and x's block c as unsigned bytes u and signed bytes s whose products sum
- * to the block's integer dot: Q8_0: u = |w| (-128 -> 128), s = x with w's sign; Q4: u = the
- * codes (low nibbles are elements 0-15, high 16-31), s = x */
-TARGET_AVX2 INLINE void q8_operands_avx2(const void *row, int64_t c, const int8_t *xq, int type, __m256i *u, __m256i *s) {
+/* Q8_0 block c of a row and x's block c as unsigned bytes u = |w| (-128 -> 128) and signed
+ * bytes s = x with w's sign, whose products sum to the block's integer dot */
+TARGET_AVX2 INLINE void q8_0_operands_avx2(const void *row, int64_t c, const int8_t *xq, __m256i *u, __m256i *s) {
     const __m256i x = _mm256_loadu_si256((const __m256i *)xq);
-    if (type == PS_TYPE_Q8_0) {
-        const __m256i w = _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)row)[c].qs);
-        *u = _mm256_sign_epi8(w, w);
-        *s = _mm256_sign_epi8(x, w);
-    } else {
-        const __m128i q = _mm_loadu_si128((const __m128i *)q4_codes(row, c, type));
-        *u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0f));
-        *s = x;
-    }
+    const __m256i w = _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)row)[c].qs);
+    *u = _mm256_sign_epi8(w, w);
+    *s = _mm256_sign_epi8(x, w);
 }
 
 /* 8 int32 lanes, each the sum of 4 products u*s: vpmaddubsw's int16 pair sums cannot saturate
@@ -909,13 +894,10 @@ TARGET_AVX2 INLINE void q4_finish_avx2(const __m256 *acc0, const __m256 *acc1, c
  * c+k's dot as 4 partial sums and one scale vector serves both blocks (as the AVX-512 Q4 steps
  * do with four). */
 #define DOT_Q8_AVX2(TARGET, isa, MUL_SUM, MUL_ACC)                                             \
-    TARGET INLINE __m256 q8_step_##isa(const void *row, const ps_q8_vec *x, int64_t c, int type, \
-                                       __m256 acc, float *off_sum) {                           \
+    TARGET INLINE __m256 q8_0_step_##isa(const void *row, const ps_q8_vec *x, int64_t c, __m256 acc) { \
         __m256i u, s;                                                                          \
-        float d, off;                                                                          \
-        q8_operands_avx2(row, c, x->qs + QK * c, type, &u, &s);                                \
-        block_scales_x86(row, c, type, &d, &off);                                              \
-        if (type != PS_TYPE_Q8_0) *off_sum += off * x->s[c];                                   \
+        q8_0_operands_avx2(row, c, x->qs + QK * c, &u, &s);                                    \
+        const float d = _cvtsh_ss(((const block_q8_0 *)row)[c].d);                             \
         return _mm256_fmadd_ps(_mm256_cvtepi32_ps(MUL_SUM(u, s)), _mm256_set1_ps(d * x->d[c]), acc); \
     }                                                                                          \
     TARGET INLINE __m256 q4_step2_##isa(const void *row, const ps_q8_vec *x, int64_t c, int type, int two, \
@@ -935,12 +917,11 @@ TARGET_AVX2 INLINE void q4_finish_avx2(const __m256 *acc0, const __m256 *acc1, c
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                         \
         int64_t c = 0;                                                                         \
         if (type == PS_TYPE_Q8_0) {                                                            \
-            float off0 = 0.0f, off1 = 0.0f;                                                    \
             for (; c + 2 <= nb; c += 2) {                                                      \
-                acc0 = q8_step_##isa(row, x, c, type, acc0, &off0);                            \
-                acc1 = q8_step_##isa(row, x, c + 1, type, acc1, &off1);                        \
+                acc0 = q8_0_step_##isa(row, x, c, acc0);                                       \
+                acc1 = q8_0_step_##isa(row, x, c + 1, acc1);                                   \
             }                                                                                  \
-            if (c < nb) acc0 = q8_step_##isa(row, x, c, type, acc0, &off0);                    \
+            if (c < nb) acc0 = q8_0_step_##isa(row, x, c, acc0);                               \
             return hsum_avx2(_mm256_add_ps(acc0, acc1));                                       \
         }                                                                                      \
         __m128 off0 = _mm_setzero_ps(), off1 = _mm_setzero_ps();                               \
@@ -1319,7 +1300,7 @@ TARGET_AVX512 static void quantize_q8_avx512(const float *x, const ps_q8_vec *ou
     }
 }
 
-/* Q8_0 blocks c and c+1 as u, s (see q8_operands_avx2), block c in the low half; with two = 0
+/* Q8_0 blocks c and c+1 as u, s (see q8_0_operands_avx2), block c in the low half; with two = 0
  * only block c, the high half zero (nothing past it is read) */
 TARGET_AVX512 INLINE void q8_0_operands_avx512(const void *row, int64_t c, const int8_t *xq, int two,
                                                __m512i *u, __m512i *s) {
@@ -1335,11 +1316,6 @@ TARGET_AVX512 INLINE __m512i mul_sum_avx512(__m512i u, __m512i s) {
     return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
 }
 
-/* x's d of block c and c+1 (c+1's is 0 when !two) */
-TARGET_AVX512 INLINE __m128 load_pair(const float *v, int two) {
-    return two ? _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)v)) : _mm_load_ss(v);
-}
-
 /* The lanes' scales: Q8_0 block c's d times x's d in lanes 0-7, block c+1's in 8-15 (zero when
  * !two); one vcvtph2ps converts both blocks' d */
 TARGET_AVX512 INLINE __m512 q8_0_scales_avx512(const void *row, const ps_q8_vec *x, int64_t c, int two) {
@@ -1347,7 +1323,7 @@ TARGET_AVX512 INLINE __m512 q8_0_scales_avx512(const void *row, const ps_q8_vec 
     const uint16_t d0 = b[0].d, d1 = two ? b[1].d : 0;
     const __m128 d = _mm_cvtph_ps(_mm_cvtsi32_si128((int)((uint32_t)d0 | (uint32_t)d1 << 16)));   /* d0 d1 */
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
-                                 _mm512_castps128_ps512(_mm_mul_ps(d, load_pair(x->d + c, two))));
+                                 _mm512_castps128_ps512(_mm_mul_ps(d, load_pair_avx2(x->d + c, two))));
 }
 
 /* Q8_0's int8 dot: two blocks per step, four per loop into two accumulators, each step's scales
