@@ -60,7 +60,7 @@ from . import __version__
 from . import constants as K
 from .api import ACTIVATION_MODES, Runtime, physical_cores
 from .loader import ModelSpec, read_spec
-from .gguf_file import GGUFFile
+from .gguf_file import GGUFFile, advise_huge_pages
 from .native import LayerStats
 
 # Token ids for the tests: an English passage (tokenised once, before any timing).
@@ -125,13 +125,8 @@ def weight_bytes_per_token(spec: ModelSpec, mode: str, layers: list[LayerStats] 
 def read_bandwidth(threads: list[int], mib: int = DEFAULT_BW_MIB, repeats: int = 5) -> dict[int, float]:
     """Bytes/s that 1.. threads read from a touched buffer of mib MiB (best of repeats)."""
     from ._native import ffi, lib
-    # anonymous memory asking for 2 MiB pages, as the model's mapping does (gguf_file.py)
     mm = mmap.mmap(-1, mib * MIB)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            mm.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
+    advise_huge_pages(mm)   # as the model's mapping does
     buf = np.frombuffer(mm, dtype=np.uint8)
     buf.view(np.uint64)[:] = np.arange(buf.size // 8, dtype=np.uint64)   # real pages, not the zero page
     out = {}

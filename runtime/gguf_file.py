@@ -218,8 +218,8 @@ class TensorInfo:
         return int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 1
 
 
-def _advise_huge_pages(mm: mmap.mmap) -> None:
-    """Ask for 2 MiB pages (Linux transparent huge pages) before the first access: a model
+def advise_huge_pages(mm: mmap.mmap) -> None:
+    """Ask for 2 MiB pages (Linux transparent huge pages) for mm before its first access: a model
     read from disk through such a mapping lands in the page cache as 2 MiB folios, which this
     and every later mapping of the file then maps with one TLB entry per 2 MiB instead of per
     4 KiB (SmolLM2 Q8_0 decode on one core, runtime/BENCHMARKS.md: +3.6% dense, +4% sparse).
@@ -236,7 +236,7 @@ def _advise_huge_pages(mm: mmap.mmap) -> None:
 def drop_cached_pages(fd: int) -> None:
     """After a model file was written and fsynced: drop its (clean) pages from the page cache,
     so that the first run reads it back through the runtime's mapping, in 2 MiB folios, rather
-    than mapping the 4 KiB pages the writes left (see _advise_huge_pages). Only a hint."""
+    than mapping the 4 KiB pages the writes left (see advise_huge_pages). Only a hint."""
     advice = getattr(os, "POSIX_FADV_DONTNEED", None)
     if advice is not None:
         try:
@@ -261,7 +261,7 @@ class GGUFFile:
                 if size == 0:
                     raise GGUFError(f"{self.path}: the file is empty, not a GGUF model")
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            _advise_huge_pages(self._mmap)
+            advise_huge_pages(self._mmap)
         except OSError as e:
             raise GGUFError(f"{self.path}: cannot open: {e.strerror or e}") from e
         self.size = size
