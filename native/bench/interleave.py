@@ -1,0 +1,71 @@
+"""Decode (or prompt) speed of several runtimes measured in turns, in one process: the way
+runtime/BENCHMARKS.md compares a dense file with a sparse one, or two builds of the extension,
+on a machine whose speed drifts by 10-15% from minute to minute.
+
+    python native/bench/interleave.py [--threads T] [--tokens N] [--rounds R] [--reps K]
+        [--native DIR] LABEL:FILE:MODE [LABEL:FILE:MODE ...]
+
+MODE is a sparse mode (dense, exact, predictor). Each round runs every spec in turn (reversed
+every other round), each K + 1 times (the first untimed), and keeps its best tg<N> (or pp<N>
+with --prompt) in tokens/s: N over the wall time of the whole call (a decode's one-token prompt
+included, as in the numbers BENCHMARKS.md quotes); prints each spec's median over the rounds and every round's value.
+--native DIR loads the extension built by `python native/build_native.py DIR` instead of the
+installed one (an A/B of two builds: one process per build, alternated by the caller).
+
+Example (BENCHMARKS.md, "Sparse decode, interleaved"):
+    python native/bench/interleave.py --threads 1 --rounds 5 \\
+        dl:smollm2-fatrelu-t0.6775.dense-layout.q8_0.gguf:dense ex:smollm2-fatrelu-t0.6775.q8_0.gguf:exact
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("specs", nargs="+", metavar="LABEL:FILE:MODE")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=64, help="generated (or prompt, with --prompt) tokens")
+    p.add_argument("--prompt", action="store_true", help="time a prompt of --tokens tokens instead of decode")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--reps", type=int, default=3, help="timed runs per spec and round (best kept)")
+    p.add_argument("--native", metavar="DIR", help="an extension built by native/build_native.py DIR")
+    args = p.parse_args(argv)
+    if args.native:
+        import prosparse
+        prosparse.__path__.insert(0, f"{args.native}/prosparse")
+    from prosparse import bench
+    from prosparse.api import Runtime
+
+    n = args.tokens
+    runs = []
+    for spec in args.specs:
+        try:
+            label, path, mode = spec.rsplit(":", 2)
+        except ValueError:
+            p.error(f"{spec!r} is not LABEL:FILE:MODE")
+        rt = Runtime(path, n_ctx=max(n + 1, 129), threads=args.threads, sparse=mode)
+        runs.append((label, rt, bench.bench_tokens(rt, max(n + 1, 128))))
+    best: dict[str, list[float]] = {label: [] for label, _, _ in runs}
+    for r in range(args.rounds):
+        for label, rt, tokens in runs if r % 2 == 0 else runs[::-1]:
+            top = 0.0
+            for k in range(args.reps + 1):
+                t0 = time.perf_counter_ns()
+                if args.prompt:
+                    bench.run_prompt(rt, tokens[:n])
+                else:
+                    bench.run_decode(rt, tokens, n)
+                if k:
+                    top = max(top, n / ((time.perf_counter_ns() - t0) * 1e-9))
+            best[label].append(top)
+    for label, values in best.items():
+        print(f"{label:24s} median {statistics.median(values):7.1f}  rounds " + " ".join(f"{v:.1f}" for v in values))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
