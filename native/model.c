@@ -83,6 +83,7 @@ struct ps_model {
 
     int32_t stats_on;
     ps_layer_stats *stats;       /* (n_layer) */
+    int64_t *neuron_counts;      /* (n_layer, n_ff) tokens in which each neuron was active */
 };
 
 static void set_error(char *err, int32_t err_len, const char *fmt, ...) {
@@ -544,11 +545,20 @@ static void gate_task(void *ctx, int ith, int nth) {
     atomic_fetch_add(&job->n_active, n_active);
 }
 
-static void ffn_dense(ps_model *m, const ps_layer_weights *l, mat_input *xb, int batch, ps_layer_stats *st) {
+/* statistics: one more token in which each of these neurons was active */
+static void count_neurons(int64_t *counts, const int32_t *neurons, int64_t n) {
+    for (int64_t j = 0; j < n; j++) counts[neurons[j]]++;
+}
+
+static void ffn_dense(ps_model *m, const ps_layer_weights *l, mat_input *xb, int batch, ps_layer_stats *st,
+                      int64_t *counts) {
     const ps_config *c = &m->c;
     matmul_target gate_up[2] = { all_rows(&l->ffn_gate, m->hb), all_rows(&l->ffn_up, m->hb2) };
     matmul(m, gate_up, 2, xb, batch);
     const int64_t n = (int64_t)batch * c->n_ff;
+    if (counts)   /* from the raw gates, before gate_task multiplies in up (which could be 0) */
+        for (int b = 0; b < batch; b++)
+            for (int64_t i = 0; i < c->n_ff; i++) counts[i] += gate_activation(c, m->hb[b * c->n_ff + i]) != 0.0f;
     gate_job job = { .m = m, .n = n };
     atomic_init(&job.n_active, 0);
     if (batch > 1) ps_threadpool_run(m->pool, gate_task, &job);
@@ -564,13 +574,15 @@ static void ffn_dense(ps_model *m, const ps_layer_weights *l, mat_input *xb, int
 }
 
 /* one token: all gate rows, then up/down for the active neurons only */
-static void ffn_exact(ps_model *m, const ps_layer_weights *l, mat_input *xb, ps_layer_stats *st) {
+static void ffn_exact(ps_model *m, const ps_layer_weights *l, mat_input *xb, ps_layer_stats *st,
+                      int64_t *counts) {
     matvec1(m, &l->ffn_gate, m->hb, xb, 1);
     const int64_t n = collect_active(m, NULL, m->c.n_ff, m->neurons);
     if (st) {
         st->n_tokens += 1;
         st->n_active += n;
         st->n_computed += n;
+        count_neurons(counts, m->neurons, n);
     }
     ffn_sparse_tail(m, l, xb, m->neurons, n);
 }
@@ -578,7 +590,7 @@ static void ffn_exact(ps_model *m, const ps_layer_weights *l, mat_input *xb, ps_
 /* one token: the predictor picks neurons; gate/up/down run for those alone. A predicted
  * neuron whose gate turns out inactive is dropped (it contributes zero). */
 static void ffn_predictor(ps_model *m, const ps_layer_weights *l, mat_input *xb, float threshold,
-                          ps_layer_stats *st) {
+                          ps_layer_stats *st, int64_t *counts) {
     const ps_config *c = &m->c;
     mat_input residual = input_of(m->x, &m->x_q8);
     matvec1(m, &l->fc1, m->pred_hidden, c->predictor_input == PS_PREDICTOR_INPUT_NORMED ? xb : &residual, 1);
@@ -593,7 +605,9 @@ static void ffn_predictor(ps_model *m, const ps_layer_weights *l, mat_input *xb,
     if (st) {
         /* the exact gate of every neuron, to count what the predictor missed */
         matvec1(m, &l->ffn_gate, m->hb, xb, 1);
-        st->n_active += collect_active(m, NULL, c->n_ff, m->exact_active);
+        const int64_t n_active = collect_active(m, NULL, c->n_ff, m->exact_active);
+        st->n_active += n_active;
+        count_neurons(counts, m->exact_active, n_active);
         n = 0;
         for (int64_t j = 0; j < n_predicted; j++)
             if (m->hb[m->neurons[j]] != 0.0f) m->neurons[n++] = m->neurons[j];
@@ -612,10 +626,11 @@ static void ffn_predictor(ps_model *m, const ps_layer_weights *l, mat_input *xb,
 static void ffn(ps_model *m, int L, int batch) {
     const ps_layer_weights *l = &m->layers[L];
     ps_layer_stats *st = m->stats_on ? &m->stats[L] : NULL;
+    int64_t *counts = st ? m->neuron_counts + (int64_t)L * m->c.n_ff : NULL;
     mat_input xb = input_of(m->xb, &m->xb_q8);
-    if (batch == 1 && m->sparse_mode == PS_SPARSE_PREDICTOR) ffn_predictor(m, l, &xb, m->pred_threshold[L], st);
-    else if (batch == 1 && m->sparse_mode == PS_SPARSE_EXACT) ffn_exact(m, l, &xb, st);
-    else ffn_dense(m, l, &xb, batch, st);
+    if (batch == 1 && m->sparse_mode == PS_SPARSE_PREDICTOR) ffn_predictor(m, l, &xb, m->pred_threshold[L], st, counts);
+    else if (batch == 1 && m->sparse_mode == PS_SPARSE_EXACT) ffn_exact(m, l, &xb, st, counts);
+    else ffn_dense(m, l, &xb, batch, st, counts);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -896,7 +911,8 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
     m->neurons = calloc((size_t)ff, sizeof(int32_t));
     m->exact_active = calloc((size_t)ff, sizeof(int32_t));
     m->stats = calloc((size_t)c->n_layer, sizeof(ps_layer_stats));
-    if (!m->neurons || !m->exact_active || !m->stats) failed = 1;
+    m->neuron_counts = calloc((size_t)c->n_layer * (size_t)ff, sizeof(int64_t));
+    if (!m->neurons || !m->exact_active || !m->stats || !m->neuron_counts) failed = 1;
     if (failed) {
         set_error(err, err_len, "out of memory allocating the KV cache and buffers (n_ctx = %d)", n_ctx);
         ps_model_free(m);
@@ -926,7 +942,7 @@ void ps_model_free(ps_model *m) {
     free(m->rope_inv_freq); free(m->rope_cos_sin);
     free(m->pred_threshold); free(m->pred_hidden); free(m->pred_logits);
     free_q8(&m->xb_q8); free_q8(&m->att_q8); free_q8(&m->x_q8); free_q8(&m->hidden_q8); free_q8(&m->hb_q8);
-    free(m->neurons); free(m->exact_active); free(m->stats);
+    free(m->neurons); free(m->exact_active); free(m->stats); free(m->neuron_counts);
     free(m);
 }
 
@@ -971,10 +987,19 @@ float ps_model_predictor_threshold(const ps_model *m, int32_t layer) {
 
 void ps_model_set_stats(ps_model *m, int32_t enabled) { m->stats_on = enabled != 0; }
 
-void ps_model_reset_stats(ps_model *m) { memset(m->stats, 0, (size_t)m->c.n_layer * sizeof(ps_layer_stats)); }
+void ps_model_reset_stats(ps_model *m) {
+    memset(m->stats, 0, (size_t)m->c.n_layer * sizeof(ps_layer_stats));
+    memset(m->neuron_counts, 0, (size_t)m->c.n_layer * (size_t)m->c.n_ff * sizeof(int64_t));
+}
 
 void ps_model_get_stats(const ps_model *m, ps_layer_stats *out) {
     memcpy(out, m->stats, (size_t)m->c.n_layer * sizeof(ps_layer_stats));
+}
+
+int32_t ps_model_get_neuron_counts(const ps_model *m, int32_t layer, int64_t *out) {
+    if (layer < 0 || layer >= m->c.n_layer) return -1;
+    memcpy(out, m->neuron_counts + (int64_t)layer * m->c.n_ff, (size_t)m->c.n_ff * sizeof(int64_t));
+    return 0;
 }
 
 int32_t ps_model_n_ctx(const ps_model *m) { return m->n_ctx; }

@@ -119,6 +119,10 @@ void ps_model_set_stats(ps_model *m, int32_t enabled);
 void ps_model_reset_stats(ps_model *m);
 /* copies n_layer entries into out */
 void ps_model_get_stats(const ps_model *m, ps_layer_stats *out);
+/* For each of one layer's n_ff neurons, the number of tokens measured in which its activated
+ * gate was non-zero (exactly: predictor mode measures the true gate). Copies n_ff counts into
+ * out; returns 0, or -1 for a layer out of range. */
+int32_t ps_model_get_neuron_counts(const ps_model *m, int32_t layer, int64_t *out);
 
 int32_t ps_model_n_ctx(const ps_model *m);
 int32_t ps_model_n_threads(const ps_model *m);

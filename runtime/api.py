@@ -236,6 +236,14 @@ class Runtime:
         """Per-layer sparsity, predicted sparsity and recall since statistics were switched on."""
         return SparsityReport(self.sparse, self._model.stats())
 
+    def activation_counts(self) -> np.ndarray:
+        """Since statistics were switched on: for each layer and FFN neuron, the number of tokens
+        in which its activated gate was non-zero, shape (n_layer, n_ff), int64. Counted in every
+        mode (predictor mode computes the true gate while statistics are on). With
+        ``sparsity().n_tokens`` this is each neuron's activation frequency, what
+        ``prosparse-reorder`` sorts the neurons by."""
+        return self._model.neuron_counts()
+
     # --- text <-> tokens -----------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
         """Token ids of text; add_bos None follows the file; special: parse <|...|> tokens."""

@@ -388,9 +388,13 @@ class GGUFFile:
         if n_kv * 12 > self.size or n_tensors * 24 > self.size:
             raise self._fail(f"truncated or corrupt file: the header claims {n_kv} metadata entries "
                              f"and {n_tensors} tensors, more than a {self.size}-byte file can hold")
+        self.kv_spans: dict[str, tuple[int, int]] = {}   # key -> its bytes (key, type, value)
         for i in range(n_kv):
+            start = self._pos
             key = self._string(f"metadata key #{i}")
             self.metadata._values[key] = self._value(self._value_type(f"the type of {key!r}"), key)
+            self.kv_spans[key] = (start, self._pos)
+        self.tensor_infos_span = (self._pos, 0)      # the tensor descriptions' bytes, set below
 
         infos = []
         for i in range(n_tensors):
@@ -402,6 +406,7 @@ class GGUFFile:
             raw_type = self._scalar("<I", f"the type of tensor {name!r}")
             offset = self._scalar("<Q", f"the data offset of tensor {name!r}")
             infos.append((name, shape, raw_type, offset))
+        self.tensor_infos_span = (self.tensor_infos_span[0], self._pos)
 
         alignment = self.metadata.get(KEY_ALIGNMENT, DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):

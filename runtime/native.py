@@ -180,6 +180,14 @@ class NativeModel:
         return [LayerStats(s.n_tokens, s.n_active, s.n_predicted, s.n_predicted_active, s.n_computed, n_ff,
                            predictor) for s in out]
 
+    def neuron_counts(self) -> np.ndarray:
+        """(n_layer, n_ff) int64: per neuron, the measured tokens in which it was active."""
+        n_layer, n_ff = len(self.spec.layers), self.spec.config["n_ff"]
+        counts = np.zeros((n_layer, n_ff), dtype=np.int64)
+        for layer in range(n_layer):
+            lib.ps_model_get_neuron_counts(self._ptr, layer, ffi.cast("int64_t *", counts[layer].ctypes.data))
+        return counts
+
     def close(self) -> None:
         ptr, self._ptr = getattr(self, "_ptr", None), None
         if ptr is not None:
