@@ -8,7 +8,8 @@ on a machine whose speed drifts by 10-15% from minute to minute.
 MODE is a sparse mode (dense, exact, predictor). Each round runs every spec in turn (reversed
 every other round), each K + 1 times (the first untimed), and keeps its best tg<N> (or pp<N>
 with --prompt) in tokens/s: N over the wall time of the whole call (a decode's one-token prompt
-included, as in the numbers BENCHMARKS.md quotes); prints each spec's median over the rounds and every round's value.
+included, as in the numbers BENCHMARKS.md quotes); prints each spec's median over the rounds and
+every round's value, then each later spec's per-round ratio to the first spec and its median.
 --native DIR loads the extension built by `python native/build_native.py DIR` instead of the
 installed one (an A/B of two builds: one process per build, alternated by the caller).
 
@@ -64,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             best[label].append(top)
     for label, values in best.items():
         print(f"{label:24s} median {statistics.median(values):7.1f}  rounds " + " ".join(f"{v:.1f}" for v in values))
+    # the same round's runs are minutes closer than the medians': their ratios drift less
+    base_label, base = next(iter(best.items()))
+    for label, values in list(best.items())[1:]:
+        ratios = [v / b for v, b in zip(values, base)]
+        print(f"{label + ' / ' + base_label:24s} median {statistics.median(ratios):7.3f}  rounds "
+              + " ".join(f"{r:.3f}" for r in ratios))
     return 0
 
 
