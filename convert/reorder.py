@@ -224,7 +224,8 @@ def reorder_model(src: str | os.PathLike, out: str | os.PathLike, calibration: s
                                   f"there is no activation frequency to sort by; reorder ReLU / FATReLU "
                                   f"(ProSparse) models")
         plan_permutations(gf, np.zeros((len(spec.layers), spec.config["n_ff"]), dtype=np.int64))  # fail early
-        counts, n_tokens, sparsity = count_activations(src, calibration, max_tokens, window, threads, progress)
+        counts, n_tokens, sparsity = count_activations(src, calibration, max_tokens, window, threads,
+                                                       progress and sys.stderr.isatty())
         order = neuron_order(counts)
         n_bytes = write_reordered(gf, out, order, n_tokens, force)
     n_ff = counts.shape[1]
