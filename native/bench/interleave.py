@@ -7,9 +7,12 @@ on a machine whose speed drifts by 10-15% from minute to minute.
 
 MODE is a sparse mode (dense, exact, predictor). Each round runs every spec in turn (reversed
 every other round), each K + 1 times (the first untimed), and keeps its best tg<N> (or pp<N>
-with --prompt) in tokens/s: N over the wall time of the whole call (a decode's one-token prompt
-included, as in the numbers BENCHMARKS.md quotes); prints each spec's median over the rounds and
-every round's value, then each later spec's per-round ratio to the first spec and its median.
+with --prompt) in tokens/s, timed as prosparse-bench times them: the N decode steps alone (not
+the one-token prompt before them, nor the garbage collection before the timer; until 2026-11-29
+06:20 UTC this driver timed the whole call, ~13 ms more per tg64 on SmolLM2, which pulled every
+sparse/dense ratio quoted before then towards 1 by 2-4%); prints each spec's median over the
+rounds and every round's value, then each later spec's per-round ratio to the first spec and
+its median.
 --native DIR loads the extension built by `python native/build_native.py DIR` instead of the
 installed one (an A/B of two builds: one process per build, alternated by the caller).
 
@@ -22,7 +25,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,13 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         for label, rt, tokens in runs if r % 2 == 0 else runs[::-1]:
             top = 0.0
             for k in range(args.reps + 1):
-                t0 = time.perf_counter_ns()
                 if args.prompt:
-                    bench.run_prompt(rt, tokens[:n])
+                    ns = bench._timed(lambda: bench.run_prompt(rt, tokens[:n]))
                 else:
-                    bench.run_decode(rt, tokens, n)
+                    ns = bench.run_decode(rt, tokens, n)
                 if k:
-                    top = max(top, n / ((time.perf_counter_ns() - t0) * 1e-9))
+                    top = max(top, n / (ns * 1e-9))
             best[label].append(top)
     for label, values in best.items():
         print(f"{label:24s} median {statistics.median(values):7.1f}  rounds " + " ".join(f"{v:.1f}" for v in values))
