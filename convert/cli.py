@@ -3,7 +3,8 @@
 
     prosparse-convert MODEL_DIR [-o OUT.gguf] [--outtype f16] [--layout sparse]
                       [--predictor DIR [--predictor-outtype f16]] [--format prosparse|powerinfer]
-                      [--threshold T] [--no-tokenizer] [--force] [--quiet]
+                      [--threshold T] [--calibration TEXT [--calibration-tokens N]]
+                      [--no-tokenizer] [--force] [--quiet]
 
 Bad inputs print one line ("prosparse-convert: error: …") and exit with status 1; Ctrl-C exits
 with 130. Either way no output file is left behind.
@@ -46,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(llama, ReLU-family, sparse layout); default prosparse")
     p.add_argument("--threshold", type=float, metavar="T",
                    help="FATReLU threshold overriding config.json's hidden_act_param (0: plain ReLU)")
+    p.add_argument("--calibration", metavar="TEXT",
+                   help="a UTF-8 text file: sort each layer's FFN neurons by how often they fire on it, hottest "
+                        "first (what prosparse-reorder does; faster sparse decoding, same outputs)")
+    p.add_argument("--calibration-tokens", type=int, default=4096, metavar="N",
+                   help="calibration tokens at most (default 4096)")
     p.add_argument("--no-tokenizer", action="store_true",
                    help="write no vocabulary (the model then takes token ids only)")
     p.add_argument("--name", help="general.name (default: the directory's name)")
@@ -59,10 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr(args.quiet)
     from .hf_to_gguf import convert_checkpoint
     try:
+        calibration = None
+        if args.calibration is not None:
+            try:
+                calibration = open(args.calibration, encoding="utf-8").read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConversionError(f"{args.calibration}: cannot read the calibration text: {e}") from e
         result = convert_checkpoint(
             args.model_dir, args.outfile, outtype=args.outtype, layout=args.layout, predictor_dir=args.predictor,
             predictor_outtype=args.predictor_outtype, fmt=args.fmt, threshold=args.threshold,
-            tokenizer=not args.no_tokenizer, force=args.force, progress=not args.quiet, name=args.name)
+            tokenizer=not args.no_tokenizer, force=args.force, progress=not args.quiet, name=args.name,
+            calibration=calibration, calibration_tokens=args.calibration_tokens)
     except ConversionError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
@@ -75,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = f", predictors rank {max(result.predictor_ranks)}" if result.predictor_ranks else ""
         print(f"{PROG}: wrote {result.path} ({result.n_bytes / 2**20:.1f} MiB, {result.n_tensors} tensors): "
               f"{hp.arch}, {hp.n_layer} layers, gate {act}, {result.layout} layout, {args.outtype}"
-              f"{extra}, tokenizer {result.tokenizer or 'none'}", file=sys.stderr)
+              f"{extra}, tokenizer {result.tokenizer or 'none'}"
+              f"{', neurons hottest first' if args.calibration else ''}", file=sys.stderr)
     return 0
 
 

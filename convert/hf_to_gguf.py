@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +59,12 @@ def convert_checkpoint(model_dir: str | Path, output: str | Path | None = None, 
                        layout: str | None = None, predictor_dir: str | Path | None = None,
                        predictor_outtype: str = "f16", fmt: str = FORMAT_PROSPARSE,
                        threshold: float | None = None, tokenizer: bool = True, force: bool = False,
-                       progress: bool = False, name: str | None = None) -> ConversionResult:
+                       progress: bool = False, name: str | None = None, calibration: str | None = None,
+                       calibration_tokens: int = 4096) -> ConversionResult:
     """Converts ``model_dir``; see ``prosparse-convert --help`` for the options. Raises a
-    ConversionError subclass (message names the file, key or tensor) on any bad input."""
+    ConversionError subclass (message names the file, key or tensor) on any bad input.
+    ``calibration`` (a text): the file's FFN neurons are then sorted hottest first over its
+    first ``calibration_tokens`` tokens, as ``prosparse-reorder`` does (convert/reorder.py)."""
     model_dir = Path(model_dir)
     _choice("--outtype", outtype, OUTTYPES)
     _choice("--predictor-outtype", predictor_outtype, OUTTYPES)
@@ -75,6 +80,8 @@ def convert_checkpoint(model_dir: str | Path, output: str | Path | None = None, 
     check_output(output, force)
     if fmt == FORMAT_POWERINFER:
         _check_powerinfer(hp, layout, outtype, predictor_outtype)
+    if calibration is not None:
+        _check_reorderable(hp, layout, outtype, tokenizer)
 
     predictors = None
     if predictor_dir is not None:
@@ -93,11 +100,33 @@ def convert_checkpoint(model_dir: str | Path, output: str | Path | None = None, 
             tensors = _with_predictors(tensors, predictors, predictor_outtype)
         kept = _report(tensors, hp, fmt, outtype, predictor_outtype, predictors is not None)
         magic = K.POWERINFER_MAGIC if fmt == FORMAT_POWERINFER else K.GGUF_MAGIC
-        path = write_gguf(output, hp.arch, meta, tensors, magic=magic, force=force, progress=progress)
+        if calibration is None:
+            path = write_gguf(output, hp.arch, meta, tensors, magic=magic, force=force, progress=progress)
+        else:   # written in the checkpoint's order first, beside the output, then reordered into it
+            fd, scratch = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".unordered.gguf", dir=output.parent)
+            os.close(fd)
+            try:
+                write_gguf(scratch, hp.arch, meta, tensors, magic=magic, force=True, progress=progress)
+                from .reorder import reorder_model
+                path = reorder_model(scratch, output, calibration, max_tokens=calibration_tokens, force=force,
+                                     progress=progress).path
+            finally:
+                Path(scratch).unlink(missing_ok=True)
     return ConversionResult(path=path, hp=hp, layout=layout, n_tensors=len(tensors),
                             n_bytes=sum(t.nbytes for t in tensors),
                             tokenizer=vocab.get(K.KEY_TOKENIZER_MODEL),
                             predictor_ranks=predictors.ranks if predictors else None, kept_f32=kept)
+
+
+def _check_reorderable(hp: Hyperparams, layout: str, outtype: str, tokenizer: bool) -> None:
+    if not hp.is_sparse_capable:
+        raise ConversionError(f"--calibration: the model's gate is {hp.activation}, which leaves (almost) every "
+                              f"neuron active; sorting neurons by activation frequency needs a relu or fatrelu model")
+    if layout == LAYOUT_DENSE and outtype not in ("f32", "f16", "bf16"):
+        raise ConversionError(f"--calibration with --layout dense needs a float --outtype: {outtype} blocks span "
+                              f"several neurons of ffn_down, whose columns would have to move (use --layout sparse)")
+    if not tokenizer:
+        raise ConversionError("--calibration needs the tokenizer (drop --no-tokenizer) to tokenise the text")
 
 
 def _choice(option: str, value: str, allowed) -> None:

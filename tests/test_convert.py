@@ -165,6 +165,48 @@ def test_sparse_layout_gives_the_dense_layout_logits(tmp_path, outtype):
     assert rel_err(runtime_logits(sparse, sparse="exact"), reference) <= tol
 
 
+@pytest.mark.parametrize("layout,outtype", [("sparse", "q8_0"), ("dense", "f16")])
+def test_calibration_sorts_neurons_hottest_first(tmp_path, layout, outtype, capsys):
+    from prosparse.convert import reorder
+    model = tiny_llama(K.ACT_RELU, seed=12)
+    src = llama_dir(tmp_path / "ckpt", model)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(training_text()) * 3)
+    plain = convert(src, tmp_path / "plain.gguf", "--layout", layout, "--outtype", outtype)
+    assert main([str(src), "-o", str(tmp_path / "hot.gguf"), "--layout", layout, "--outtype", outtype,
+                 "--calibration", str(text), "--calibration-tokens", "300"]) == 0
+    assert "neurons hottest first" in capsys.readouterr().err
+    hot = tmp_path / "hot.gguf"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "ckpt", "hot.gguf", "plain.gguf"]
+    meta = metadata(hot)
+    assert meta[reorder.KEY_NEURON_ORDER] == reorder.NEURON_ORDER_FREQUENCY
+    assert 300 <= meta[reorder.KEY_NEURON_ORDER_TOKENS] <= 302            # the text's tokens and a BOS per window
+    with Runtime(hot, n_ctx=512, threads=2, sparse_stats=True) as rt:
+        tokens = rt.tokenize(text.read_text(), add_bos=False, special=False)[:300]
+        rt.evaluate(rt.tokenize("", add_bos=True) + tokens)
+        counts = rt.activation_counts()
+    assert np.all(np.diff(counts, axis=1) <= 0), "neurons by descending activation count"
+    assert rel_err(runtime_logits(hot, sparse="exact"), runtime_logits(plain, sparse="exact")) <= 1e-4
+    assert rel_err(runtime_logits(hot, sparse="dense"), runtime_logits(plain, sparse="dense")) <= 1e-4
+
+
+def test_calibration_refusals(tmp_path, capsys):
+    text = tmp_path / "calib.txt"
+    text.write_text("some text " * 50)
+    silu = llama_dir(tmp_path / "silu", tiny_llama(K.ACT_SILU, seed=13))
+    relu = llama_dir(tmp_path / "relu", tiny_llama(K.ACT_RELU, seed=13))
+    for src, args, message in [
+            (silu, [], "needs a relu or fatrelu model"),
+            (relu, ["--layout", "dense", "--outtype", "q8_0"], "needs a float --outtype"),
+            (relu, ["--no-tokenizer"], "needs the tokenizer"),
+            (relu, ["--calibration", str(tmp_path / "missing.txt")], "missing.txt: cannot read the calibration"),
+    ]:
+        args = ["--calibration", str(text)] + args if "--calibration" not in args else args
+        assert main([str(src), "-o", str(tmp_path / "out.gguf"), "-q", *args]) == 1
+        assert message in capsys.readouterr().err
+    assert not any(p.suffix == ".gguf" or p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
 def test_silu_model_defaults_to_the_dense_layout(tmp_path):
     model = tiny_llama(K.ACT_SILU, seed=6, tie=True)
     out = convert(llama_dir(tmp_path / "ckpt", model), tmp_path / "m.gguf", "--outtype", "f32")
