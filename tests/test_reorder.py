@@ -13,7 +13,7 @@ from prosparse.convert import reorder
 from prosparse.gguf_file import GGUFFile
 from test_forward import PROMPT, rel_err
 from test_sparse import decode_logits, exact_predictor
-from tiny_models import hf_logits, tiny_llama, with_extra
+from tiny_models import hf_activations, hf_logits, tiny_llama, with_extra
 
 N_FF = 192
 CALIBRATION = np.random.default_rng(0).integers(0, 320, size=300).tolist()
@@ -42,12 +42,7 @@ def rows(gf: GGUFFile, name: str) -> np.ndarray:
 def test_activation_counts_match_transformers(tmp_path):
     model = tiny_llama(K.ACT_FATRELU, 0.05, seed=21)
     path = write(model, tmp_path / "m.gguf", activation=K.ACT_FATRELU, threshold=0.05)
-    hf_counts = []
-    hooks = [layer.mlp.act_fn.register_forward_hook(lambda mod, inp, out: hf_counts.append((out[0] != 0).sum(0).numpy()))
-             for layer in model.model.layers]
-    hf_logits(model, PROMPT)
-    for h in hooks:
-        h.remove()
+    hf_counts = [(act != 0).sum(0) for act in hf_activations(model, PROMPT)]
     for mode in ("dense", "exact"):
         with Runtime(path, n_ctx=64, threads=2, sparse=mode, sparse_stats=True) as rt:
             decode_logits(rt, PROMPT)                       # one token at a time: the mode's own path

@@ -9,7 +9,7 @@ import pytest
 from prosparse import Runtime
 from prosparse import constants as K
 from test_forward import PROMPT, rel_err
-from tiny_models import hf_logits, tiny_llama, to_gguf, with_extra
+from tiny_models import hf_activations, hf_logits, tiny_llama, to_gguf, with_extra
 
 CASES = [(K.ACT_RELU, None), (K.ACT_FATRELU, 0.05)]
 
@@ -114,12 +114,7 @@ def test_predictor_threshold_is_adjustable(tmp_path):
 def test_stats_match_transformers_activations(tmp_path):
     model = tiny_llama(K.ACT_RELU, seed=9)
     path = to_gguf(model, tmp_path / "m.gguf", "f32", K.ACT_RELU)
-    zeros = []
-    hooks = [layer.mlp.act_fn.register_forward_hook(lambda mod, inp, out: zeros.append((out == 0).float().mean().item()))
-             for layer in model.model.layers]
-    hf_logits(model, PROMPT)
-    for h in hooks:
-        h.remove()
+    zeros = [float((act == 0).mean()) for act in hf_activations(model, PROMPT)]
     for mode in ("dense", "exact"):
         with Runtime(path, n_ctx=64, threads=2, sparse=mode, sparse_stats=True) as rt:
             decode_logits(rt, PROMPT)

@@ -58,6 +58,19 @@ def hf_logits(model: LlamaForCausalLM, tokens: list[int]):
         return model(torch.tensor([tokens])).logits[0].float().numpy()
 
 
+def hf_activations(model: LlamaForCausalLM, tokens: list[int]) -> list:
+    """Per layer, act(gate) of every position (transformers' act_fn output): (len(tokens), n_ff)."""
+    out = []
+    hooks = [layer.mlp.act_fn.register_forward_hook(lambda mod, inp, o: out.append(o[0].detach().numpy()))
+             for layer in model.model.layers]
+    try:
+        hf_logits(model, tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
 def hf_greedy(model: LlamaForCausalLM, tokens: list[int], n: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(torch.tensor([tokens]), max_new_tokens=n, min_new_tokens=n, do_sample=False,

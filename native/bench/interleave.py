@@ -11,8 +11,9 @@ with --prompt) in tokens/s, timed as prosparse-bench times them: the N decode st
 the one-token prompt before them, nor the garbage collection before the timer; until 2026-11-29
 06:20 UTC this driver timed the whole call, ~13 ms more per tg64 on SmolLM2, which pulled every
 sparse/dense ratio quoted before then towards 1 by 2-4%); prints each spec's median over the
-rounds and every round's value, then each later spec's per-round ratio to the first spec and
-its median.
+rounds, its best round and every round's value, then each later spec's per-round ratio to the
+first spec, their median and the ratio of the two best rounds (on a host whose other tenants
+take memory bandwidth in bursts, the best of many runs is the least disturbed one).
 --native DIR loads the extension built by `python native/build_native.py DIR` instead of the
 installed one (an A/B of two builds: one process per build, alternated by the caller).
 
@@ -65,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
                     top = max(top, n / (ns * 1e-9))
             best[label].append(top)
     for label, values in best.items():
-        print(f"{label:24s} median {statistics.median(values):7.1f}  rounds " + " ".join(f"{v:.1f}" for v in values))
+        print(f"{label:24s} median {statistics.median(values):7.1f}  best {max(values):7.1f}  rounds "
+              + " ".join(f"{v:.1f}" for v in values))
     # the same round's runs are minutes closer than the medians': their ratios drift less
     base_label, base = next(iter(best.items()))
     for label, values in list(best.items())[1:]:
         ratios = [v / b for v, b in zip(values, base)]
-        print(f"{label + ' / ' + base_label:24s} median {statistics.median(ratios):7.3f}  rounds "
-              + " ".join(f"{r:.3f}" for r in ratios))
+        print(f"{label + ' / ' + base_label:24s} median {statistics.median(ratios):7.3f}  "
+              f"best/best {max(values) / max(base):.3f}  rounds " + " ".join(f"{r:.3f}" for r in ratios))
     return 0
 
 
