@@ -260,9 +260,11 @@ def test_pipeline_from_a_given_model_runs_each_step_once(tmp_path):
     corpus = make_corpus(tmp_path / "corpus", documents=40, words=150)
     recipe = write_recipe(tmp_path / "recipe.json", tiny_recipe(tmp_path, model_dir, corpus,
                                                                 data={"seq_len": 32, "heldout_fraction": 0.25}))
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(" ".join(p.read_text() for p in sorted(corpus.rglob("*.txt"))[:5]))
     args = ["pipeline", "--recipe", str(recipe), "--model", str(model_dir), "--activation", "relu",
             "--rank", "16", "--samples", "2000", "--heldout-samples", "600", "--epochs", "3", "--outtype", "f16",
-            "--eval-sequences", "2", "--no-bench", "--threads", "1"]
+            "--eval-sequences", "2", "--no-bench", "--threads", "1", "--calibration", str(calibration)]
     assert main(args) == 0
     run = tmp_path / "run"
     log = (run / "pipeline.log").read_text()
@@ -270,6 +272,7 @@ def test_pipeline_from_a_given_model_runs_each_step_once(tmp_path):
     gguf = run / "tiny-predictor-F16.gguf"
     with Runtime(gguf, n_ctx=32, threads=1) as rt:
         assert rt.sparse == "predictor" and rt.spec.activation == K.ACT_RELU
+        assert rt.metadata["prosparse.neuron_order"] == "activation_frequency"     # --calibration passed on
     result = json.loads((run / "predictor_eval.json").read_text())
     assert result["exact"]["tokens"] == 2 * 31 and 0 < result["predictor"]["recall"] <= 1
     assert main(args) == 0

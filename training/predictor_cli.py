@@ -116,6 +116,9 @@ def add_predictor_commands(sub) -> None:
                    help="FATReLU threshold for predictors and GGUF (default: the trained model's, "
                         "i.e. the recipe's sparsity.threshold)")
     p.add_argument("--outtype", choices=PREDICTOR_TYPES, default="q8_0", help="GGUF weight type (default q8_0)")
+    p.add_argument("--calibration", metavar="TEXT",
+                   help="a text file: the GGUF gets each layer's neurons hottest first by their activation "
+                        "frequency on it (prosparse-convert --calibration; faster sparse decoding)")
     p.add_argument("--eval-sequences", type=int, default=16, help="held-out sequences for predictor-eval")
     p.add_argument("--eval-recalls", default="0.97,0.99", metavar="R[,R...]",
                    help="predictor-eval also runs these recall targets' thresholds (default 0.97,0.99; '' for none)")
@@ -276,7 +279,8 @@ def cmd_pipeline(args) -> int:
     gguf = run_dir / f"{recipe.name}-predictor-{args.outtype.upper()}.gguf"
     log.step("convert", gguf, py + ["prosparse.convert.cli", str(model_dir), "--predictor", str(pred_dir),
                                     "--outtype", args.outtype, "--predictor-outtype", args.predictor_type,
-                                    "-o", str(gguf)] + threshold_flags)
+                                    "-o", str(gguf)] + threshold_flags
+             + (["--calibration", str(args.calibration)] if args.calibration else []))
 
     # 5. predictor vs exact mode, decode speed
     eval_json = run_dir / "predictor_eval.json"
