@@ -1,4 +1,4 @@
-/* Mat-vec throughput of every type x ISA: dot, axpy and (integer types) dot_q8 over the rows of
+/* Mat-vec throughput of every type x ISA: dot, axpy, axpy4 and (integer types) dot_q8 over the rows of
  * a (rows, cols) matrix, as the forward pass uses them. Reports weight bytes streamed per
  * second. The dot_q8 figure includes quantising x once per pass, as the forward pass does once
  * per mat-vec. Time is this thread's CPU time, so that other processes sharing the core (a
@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <time.h>
 
-enum { DOT, AXPY, DOT_Q8, DOT4_Q8 };
+enum { DOT, AXPY, AXPY4, DOT_Q8, DOT4_Q8 };
 
 static double now_s(void) {
     struct timespec ts;
@@ -38,6 +38,17 @@ static double time_pass(const ps_type_traits *t, int isa, int kernel, const char
                     float out[4];
                     t->dot4_q8(rs, xq, cols, out);
                     y[r % cols] += out[0] + out[1] + out[2] + out[3];
+                }
+                passes++;
+                continue;
+            }
+            if (kernel == AXPY4) {   /* rows in fours, as the sparse down projection calls it */
+                for (int r = 0; r + 4 <= rows; r += 4) {
+                    const void *rs[4] = { w + r * row_bytes, w + (r + 1) * row_bytes, w + (r + 2) * row_bytes,
+                                          w + (r + 3) * row_bytes };
+                    const float a[4] = { x[r % cols] * 1e-3f, x[(r + 1) % cols] * 1e-3f, x[(r + 2) % cols] * 1e-3f,
+                                         x[(r + 3) % cols] * 1e-3f };
+                    t->axpy4(a, rs, y, cols);
                 }
                 passes++;
                 continue;
@@ -70,9 +81,10 @@ int main(int argc, char **argv) {
     for (long i = 0; i < (long)rows * cols; i++) src[i] = (float)((i * 7919) % 2001 - 1000) * 1e-3f;
     for (int i = 0; i < cols; i++) x[i] = (float)(i % 13) - 6.0f;
 
-    printf("%d x %d, GB/s of weights: dot / axpy / dot_q8 (integer types) / dot4_q8 (where an ISA has it)\n%-6s", rows, cols, "");
+    printf("%d x %d, GB/s of weights: dot / axpy / axpy4 / dot_q8 (integer types) / dot4_q8 (where an ISA has it)\n%-6s",
+           rows, cols, "");
     for (int isa = 0; isa < PS_ISA_COUNT; isa++)
-        if (ps_kernels_isa_available(isa)) printf(" %24s", ps_kernels_isa_name(isa));
+        if (ps_kernels_isa_available(isa)) printf(" %33s", ps_kernels_isa_name(isa));
     printf("\n");
     for (size_t k = 0; k < sizeof(types) / sizeof(types[0]); k++) {
         const ps_type_traits *ref = ps_type_traits_for(types[k], PS_ISA_SCALAR);
@@ -84,8 +96,9 @@ int main(int argc, char **argv) {
             const ps_type_traits *t = ps_type_traits_for(types[k], isa);
             if (!t) continue;
             const double gb = row_bytes * rows * 1e-9;
-            printf("   %6.1f / %6.1f", gb / time_pass(t, isa, DOT, w, row_bytes, rows, cols, x, &xq, y),
-                   gb / time_pass(t, isa, AXPY, w, row_bytes, rows, cols, x, &xq, y));
+            printf("   %6.1f / %6.1f / %6.1f", gb / time_pass(t, isa, DOT, w, row_bytes, rows, cols, x, &xq, y),
+                   gb / time_pass(t, isa, AXPY, w, row_bytes, rows, cols, x, &xq, y),
+                   gb / time_pass(t, isa, AXPY4, w, row_bytes, rows, cols, x, &xq, y));
             if (t->dot_q8) printf(" / %6.1f", gb / time_pass(t, isa, DOT_Q8, w, row_bytes, rows, cols, x, &xq, y));
             else           printf("   %6s", "-");
             if (t->dot4_q8) printf(" / %6.1f", gb / time_pass(t, isa, DOT4_Q8, w, row_bytes, rows, cols, x, &xq, y));
