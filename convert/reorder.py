@@ -44,9 +44,8 @@ from .gguf_writer import _umask, check_output
 
 PROG = "prosparse-reorder"
 
-KEY_NEURON_ORDER = "prosparse.neuron_order"
-KEY_NEURON_ORDER_TOKENS = "prosparse.neuron_order_tokens"
-NEURON_ORDER_FREQUENCY = "activation_frequency"
+KEY_NEURON_ORDER, KEY_NEURON_ORDER_TOKENS = K.KEY_NEURON_ORDER, K.KEY_NEURON_ORDER_TOKENS
+NEURON_ORDER_FREQUENCY = K.NEURON_ORDER_FREQUENCY
 
 # per-layer tensors with one row per neuron, and those with one column per neuron
 ROW_PERMUTED = (K.FFN_GATE, K.FFN_UP, K.FFN_DOWN_T, K.PREDICTOR_FC2)

@@ -146,7 +146,7 @@ def read_bandwidth(threads: list[int], mib: int = DEFAULT_BW_MIB, repeats: int =
 class ModelInfo:
     path: Path
     spec: ModelSpec
-    desc: str                    # "llama 135M Q4_1", "llama 135M Q8_0 fatrelu t=0.2"
+    desc: str                    # "llama 135M Q4_1", "llama 135M Q8_0 fatrelu t=0.2 hot-first"
     size_bytes: int              # all tensors
     n_params: int
 
@@ -166,10 +166,13 @@ def model_info(path: Path) -> ModelInfo:
         spec = read_spec(gf)
         size = sum(t.n_bytes for t in gf.tensors.values())
         desc = f"{spec.arch} {_human_count(spec.n_params)} {_file_type(gf, spec)}"
+        hot = gf.metadata.get(K.KEY_NEURON_ORDER) == K.NEURON_ORDER_FREQUENCY
     if spec.activation != K.ACT_SILU:
         desc += f" {spec.activation}"
         if spec.activation == K.ACT_FATRELU:
             desc += f" t={spec.config['act_threshold']:g}"
+    if hot:
+        desc += " hot-first"      # prosparse-reorder's neuron order
     return ModelInfo(Path(path), spec, desc, size, spec.n_params)
 
 

@@ -67,6 +67,11 @@ PREDICTOR_INPUTS = (PREDICTOR_INPUT_RESIDUAL, PREDICTOR_INPUT_NORMED)
 # PowerInfer's key: its predictors' decision threshold (a neuron is predicted active when its
 # predictor logit >= this; f32, optional, default 0). PowerInfer files carry no FATReLU threshold.
 KEY_POWERINFER_SPARSE_THRESHOLD = "powerinfer.sparse_threshold"
+# Set by prosparse-reorder: each layer's FFN neurons sorted by descending activation frequency
+# ("activation_frequency"), and the calibration tokens counted (u64). Informational.
+KEY_NEURON_ORDER = "prosparse.neuron_order"
+KEY_NEURON_ORDER_TOKENS = "prosparse.neuron_order_tokens"
+NEURON_ORDER_FREQUENCY = "activation_frequency"
 
 ACT_SILU = "silu"
 ACT_RELU = "relu"

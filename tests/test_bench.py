@@ -70,6 +70,13 @@ def test_markdown_table(relu_path, capsys):
     assert re.search(r"^bandwidth: [\d.]+ GB/s \(1 thread\)$", out, re.M)
 
 
+def test_hot_first_files_are_named(relu_path, tmp_path):
+    from prosparse.convert.reorder import reorder_model
+    hot = reorder_model(relu_path, tmp_path / "hot.gguf", list(range(1, 200)), window=64).path
+    assert bench.model_info(hot).desc == bench.model_info(relu_path).desc + " hot-first"
+    assert not bench.model_info(relu_path).desc.endswith("hot-first")
+
+
 def test_json_lines_and_bytes_per_token(relu_path, capsys):
     out = run_bench(capsys, "-m", relu_path, *ARGS, "-t", "1,2", "-o", "json")
     records = [json.loads(ln) for ln in out.splitlines()]
