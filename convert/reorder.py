@@ -50,6 +50,8 @@ NEURON_ORDER_FREQUENCY = K.NEURON_ORDER_FREQUENCY
 # per-layer tensors with one row per neuron, and those with one column per neuron
 ROW_PERMUTED = (K.FFN_GATE, K.FFN_UP, K.FFN_DOWN_T, K.PREDICTOR_FC2)
 COLUMN_PERMUTED = (K.FFN_DOWN,)
+# per-layer tensors that hold nothing per neuron (whatever their sizes)
+NOT_NEURONS = (K.ATTN_NORM, K.ATTN_Q, K.ATTN_K, K.ATTN_V, K.ATTN_OUT, K.FFN_NORM, K.PREDICTOR_FC1)
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 MIN_TOKENS = 16
 COPY_CHUNK = 64 << 20
@@ -132,7 +134,7 @@ def plan_permutations(gf: GGUFFile, order: np.ndarray) -> dict[str, tuple[str, n
                 raise ConversionError(f"{gf.path}: tensor {name!r} has rows of {t.ne0}, expected one "
                                       f"column per neuron ({n_ff})")
             plan[name] = ("columns", order[layer])
-        elif n_ff in t.shape and kind not in (K.ATTN_Q, K.ATTN_K, K.ATTN_V, K.ATTN_OUT, K.PREDICTOR_FC1):
+        elif n_ff in t.shape and kind not in NOT_NEURONS:
             raise ConversionError(f"{gf.path}: tensor {name!r} (shape {list(t.shape)}) is not one prosparse "
                                   f"knows how to reorder, and it may hold one entry per neuron; refusing")
     return plan
