@@ -400,9 +400,7 @@ typedef struct {
     int batch;
     const int32_t *neurons;      /* the neurons to add, or NULL for all */
     int64_t n_neurons;
-    int64_t chunk;               /* neurons per take */
-    _Alignas(CACHE_LINE) atomic_llong next;
-    char pad[CACHE_LINE - sizeof(atomic_llong)];
+    int64_t chunk;               /* neurons per chunk; thread t sums chunks t, t + nth, ... */
 } down_t_job;
 
 static void down_t_task(void *ctx, int ith, int nth) {
@@ -416,9 +414,11 @@ static void down_t_task(void *ctx, int ith, int nth) {
     float *acc = m->down_acc + (int64_t)ith * MAX_BATCH * dim;
     float *row_buf = thread_tile(m, ith);
     memset(acc, 0, (size_t)(job->batch * dim) * sizeof(float));
-    for (;;) {
-        int64_t start = atomic_fetch_add(&job->next, job->chunk);
-        if (start >= job->n_neurons) return;
+    /* Chunks dealt round-robin, not taken first come first served: each thread sums a fixed set of
+     * neurons in a fixed order, so a token's result does not depend on which thread ran faster
+     * (with taking, greedy text from two threads changed from run to run). The chunks hold equal
+     * numbers of (active) neurons, so the work stays balanced. */
+    for (int64_t start = (int64_t)ith * job->chunk; start < job->n_neurons; start += (int64_t)nth * job->chunk) {
         int64_t end = start + job->chunk < job->n_neurons ? start + job->chunk : job->n_neurons;
         /* one token: the non-zero neurons four at a time (axpy4 loads and stores acc once per
          * four rows), the last few of the chunk one by one */
@@ -455,7 +455,6 @@ static void down_t_product(ps_model *m, const ps_tensor *down_t, const float *h,
                            const int32_t *neurons, int64_t n_neurons, float *out) {
     down_t_job job = { .m = m, .down_t = down_t, .h = h, .batch = batch, .neurons = neurons,
                        .n_neurons = n_neurons, .chunk = work_chunk(n_neurons, ps_threadpool_size(m->pool)) };
-    atomic_init(&job.next, 0);
     ps_threadpool_run(m->pool, down_t_task, &job);
     const int64_t n = (int64_t)batch * m->c.n_embd, stride = (int64_t)MAX_BATCH * m->c.n_embd;
     memcpy(out, m->down_acc, (size_t)n * sizeof(float));

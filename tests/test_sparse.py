@@ -8,6 +8,7 @@ import pytest
 
 from prosparse import Runtime
 from prosparse import constants as K
+from prosparse.convert import write_llama_gguf
 from test_forward import PROMPT, rel_err
 from tiny_models import hf_activations, hf_logits, tiny_llama, to_gguf, with_extra
 
@@ -52,6 +53,21 @@ def test_exact_equals_dense_equals_transformers(tmp_path, activation, threshold,
     assert rel_err(e, d) <= 1e-5
     if outtype == "f32":
         assert rel_err(e, hf_logits(model, PROMPT)) <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["dense", "exact"])
+def test_two_threads_give_the_same_bits_every_run(tmp_path, mode):
+    """The down vectors' per-thread sums are formed over a fixed set of neurons in a fixed order:
+    repeated runs on two threads agree bit for bit (with chunks taken first come first served,
+    which thread summed which neurons varied between runs, and so did the rounding)."""
+    model = tiny_llama(K.ACT_RELU, seed=14, n_ff=2048)
+    path = write_llama_gguf(tmp_path / "m.gguf", model.config.to_dict(), model.state_dict(), outtype="f32",
+                            activation=K.ACT_RELU, layout="sparse")
+    with Runtime(path, n_ctx=64, threads=2, sparse=mode) as rt:
+        first = decode_logits(rt, PROMPT)
+        for _ in range(12):
+            np.testing.assert_array_equal(decode_logits(rt, PROMPT), first)
+            np.testing.assert_array_equal(rt.evaluate(PROMPT)[-1], rt.evaluate(PROMPT)[-1])
 
 
 def test_best_mode_follows_the_file(tmp_path):
