@@ -1235,7 +1235,6 @@ TARGET_AVX512 static void exp_avx512(const float *x, float *y, int64_t n) {
     }
 }
 
-/* the lanes of 16 from column i that exist in k columns */
 /* sixteen lanes at a time: the kept values stored back, their indices compress-stored */
 TARGET_AVX512 static int64_t keep_at_least_avx512(float *x, int64_t n, float min, int32_t *idx) {
     const __m512 vmin = _mm512_set1_ps(min);
@@ -1253,6 +1252,7 @@ TARGET_AVX512 static int64_t keep_at_least_avx512(float *x, int64_t n, float min
     return k;
 }
 
+/* the lanes of 16 from column i that exist in k columns */
 TARGET_AVX512 INLINE __mmask16 column_mask(int64_t i, int64_t k) { return i >= k ? 0 : tail_mask(k - i); }
 
 /* 64 columns at a time in 4 accumulators, kept in registers over all the rows (two rows per
@@ -1337,21 +1337,18 @@ TARGET_AVX512 INLINE __m512 q8_0_scales_avx512(const void *row, const ps_q8_vec 
         q8_0_operands_avx512(row, c, x->qs + QK * c, two, &u, &s);                             \
         return _mm512_fmadd_ps(_mm512_cvtepi32_ps(MUL_SUM(u, s)), q8_0_scales_avx512(row, x, c, two), acc); \
     }                                                                                          \
-    TARGET INLINE void q8_0_row_##isa(const void *row, const ps_q8_vec *x, int64_t nb, __m512 *acc0, __m512 *acc1) { \
-        int64_t c = 0;                                                                         \
-        for (; c + 4 <= nb; c += 4) {                                                          \
-            *acc0 = q8_0_step_##isa(row, x, c, 1, *acc0);                                      \
-            *acc1 = q8_0_step_##isa(row, x, c + 2, 1, *acc1);                                  \
-        }                                                                                      \
-        if (c + 2 <= nb) {                                                                     \
-            *acc0 = q8_0_step_##isa(row, x, c, 1, *acc0);                                      \
-            c += 2;                                                                            \
-        }                                                                                      \
-        if (c < nb) *acc1 = q8_0_step_##isa(row, x, c, 0, *acc1);                              \
-    }                                                                                          \
     TARGET INLINE float q8_0_dot_##isa(const void *row, const ps_q8_vec *x, int64_t nb) {      \
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                         \
-        q8_0_row_##isa(row, x, nb, &acc0, &acc1);                                              \
+        int64_t c = 0;                                                                         \
+        for (; c + 4 <= nb; c += 4) {                                                          \
+            acc0 = q8_0_step_##isa(row, x, c, 1, acc0);                                        \
+            acc1 = q8_0_step_##isa(row, x, c + 2, 1, acc1);                                    \
+        }                                                                                      \
+        if (c + 2 <= nb) {                                                                     \
+            acc0 = q8_0_step_##isa(row, x, c, 1, acc0);                                        \
+            c += 2;                                                                            \
+        }                                                                                      \
+        if (c < nb) acc1 = q8_0_step_##isa(row, x, c, 0, acc1);                                \
         return q8_finish_avx512(acc0, acc1, _mm256_setzero_ps(), _mm256_setzero_ps(), PS_TYPE_Q8_0); \
     }
 
