@@ -26,6 +26,9 @@
  * cache line the threads share, which costs as much as reading a few small rows. More than one
  * per thread lets a thread that got the core late take less (2 beat 4 by 3-8% at 2 threads). */
 #define CHUNKS_PER_THREAD 2
+/* Neurons a prompt's down projection takes together (down_t_task): their rows, dequantised,
+ * fill a thread's down_tile. */
+#define H_BLOCK 64
 #define CACHE_LINE 64
 #define MIN_I64(a, b) ((a) < (b) ? (a) : (b))
 
@@ -60,7 +63,7 @@ struct ps_model {
     float *rope_inv_freq;        /* (n_rot/2) base^(-2i/n_rot), fixed      */
     float *rope_cos_sin;         /* (n_rot) cos, sin of one position's angles */
     float *row_buf;              /* (n_threads, ROW_CHUNK, max row length) dequantised weight rows */
-    float *down_acc;             /* (n_threads, batch, n_embd) per-thread sums of down_t axpys */
+    float *down_tile;            /* (n_threads, H_BLOCK, n_embd) a prompt's down_t rows, dequantised */
     int64_t row_buf_len;
 
     /* single-token inputs quantised to 8 bits (activations = Q8): one per vector a mat-vec reads */
@@ -172,9 +175,15 @@ static inline void prefetch_stream(const char *row, size_t bytes) {
     for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 0);
 }
 
-/* rows idx[j0 .. j0 + PREFETCH_AHEAD) of base, the ones a take asks for before its loop */
+/* the first `bytes` of rows idx[j0 .. j0 + ahead) of base (rows row_bytes apart), the ones a
+ * take asks for before its loop */
+static inline void prefetch_first_rows_slice(const char *base, size_t row_bytes, size_t bytes, const int32_t *idx,
+                                             int64_t j0, int64_t j1, int64_t ahead) {
+    for (int64_t j = j0; j < j0 + ahead && j < j1; j++) prefetch_row(base + (size_t)idx[j] * row_bytes, bytes);
+}
+
 static inline void prefetch_first_rows(const char *base, size_t row_bytes, const int32_t *idx, int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j0 + PREFETCH_AHEAD && j < j1; j++) prefetch_row(base + (size_t)idx[j] * row_bytes, row_bytes);
+    prefetch_first_rows_slice(base, row_bytes, row_bytes, idx, j0, j1, PREFETCH_AHEAD);
 }
 
 /* Rows j0..j1 of a target. One token: a dot per row, integer when the type has an integer
@@ -389,8 +398,12 @@ static void attention_task(void *ctx, int ith, int nth) {
 
 /* ------------------------------------------------------------------------------------------
  * The down projection from ffn_down_t: out[b] = sum over neurons i of h[b][i] * down_t[i].
- * Each thread sums the neurons it takes into its own accumulator (no shared writes), then
- * one pass adds the accumulators up.
+ * Each thread owns a slice of out's elements (whole blocks of the rows, an equal share) and
+ * adds every neuron's piece of it in neuron order: no partial sums to add up afterwards, and
+ * each element is summed in the same order whatever the number of threads, so one, two or
+ * eight threads give the same bits (with each thread taking whole neurons instead, the sums
+ * were split differently for every thread count, and greedy text from one and two threads
+ * parted after a dozen tokens).
  * ---------------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -400,65 +413,103 @@ typedef struct {
     int batch;
     const int32_t *neurons;      /* the neurons to add, or NULL for all */
     int64_t n_neurons;
-    int64_t chunk;               /* neurons per chunk; thread t sums chunks t, t + nth, ... */
+    float *out;                  /* (batch, n_embd) */
 } down_t_job;
+
+/* a row's slice for thread ith of nth: elements [*e0, *e1), on block boundaries (16-element
+ * units for the float types, a vector's worth); empty when there are more threads than units */
+static void down_t_slice(const ps_tensor *w, int ith, int nth, int64_t *e0, int64_t *e1) {
+    const int64_t bs = ps_type_traits_for(w->type, -1)->block_size, unit = bs > 1 ? bs : 16;
+    const int64_t units = (w->ne0 + unit - 1) / unit;
+    *e0 = MIN_I64(units * ith / nth * unit, w->ne0);
+    *e1 = MIN_I64(units * (ith + 1) / nth * unit, w->ne0);
+}
 
 static void down_t_task(void *ctx, int ith, int nth) {
     down_t_job *job = ctx;
     ps_model *m = job->m;
     const ps_tensor *w = job->down_t;
-    const int64_t dim = m->c.n_embd, ff = m->c.n_ff;
+    const int64_t dim = w->ne0, ff = m->c.n_ff;
+    int64_t e0, e1;
+    down_t_slice(w, ith, nth, &e0, &e1);
+    if (e0 >= e1) return;
+    const int64_t len = e1 - e0;
     const ps_type_traits *tt = ps_type_traits_for(w->type, -1);
     const ps_type_traits *f32 = ps_type_traits_for(PS_TYPE_F32, -1);   /* once, as in attention_task */
     const size_t row_bytes = ps_row_bytes(w->type, dim);
-    float *acc = m->down_acc + (int64_t)ith * MAX_BATCH * dim;
-    float *row_buf = thread_tile(m, ith);
-    memset(acc, 0, (size_t)(job->batch * dim) * sizeof(float));
-    /* Chunks dealt round-robin, not taken first come first served: each thread sums a fixed set of
-     * neurons in a fixed order, so a token's result does not depend on which thread ran faster
-     * (with taking, greedy text from two threads changed from run to run). The chunks hold equal
-     * numbers of (active) neurons, so the work stays balanced. */
-    for (int64_t start = (int64_t)ith * job->chunk; start < job->n_neurons; start += (int64_t)nth * job->chunk) {
-        int64_t end = start + job->chunk < job->n_neurons ? start + job->chunk : job->n_neurons;
-        /* one token: the non-zero neurons four at a time (axpy4 loads and stores acc once per
-         * four rows), the last few of the chunk one by one */
-        float group_h[4];
-        const void *group_rows[4];
-        int n_group = 0;
-        if (job->neurons) prefetch_first_rows(w->data, row_bytes, job->neurons, start, end);
-        for (int64_t j = start; j < end; j++) {
-            const int64_t i = job->neurons ? job->neurons[j] : j;
-            const void *row = (const char *)w->data + (size_t)i * row_bytes;
-            if (job->neurons && j + PREFETCH_AHEAD < job->n_neurons)
-                prefetch_row((const char *)w->data + (size_t)job->neurons[j + PREFETCH_AHEAD] * row_bytes, row_bytes);
-            if (job->batch == 1) {
-                if (job->h[i] == 0.0f) continue;
-                group_h[n_group] = job->h[i];
-                group_rows[n_group] = row;
-                if (++n_group == 4) {
-                    tt->axpy4(group_h, group_rows, acc, dim);
-                    n_group = 0;
-                }
-                continue;
+    const size_t offset = ps_row_bytes(w->type, e0), slice_bytes = ps_row_bytes(w->type, len);
+    const char *base = (const char *)w->data + offset;   /* the slice of row 0 */
+    for (int b = 0; b < job->batch; b++) memset(job->out + b * dim + e0, 0, (size_t)len * sizeof(float));
+    float *acc = job->out + e0;
+    if (job->batch > 1) {
+        /* a prompt (every neuron: a batch never comes with a list), H_BLOCK neurons at a time:
+         * the rows of those active for some token dequantised into the thread's tile, then each
+         * token adds its non-zero ones four at a time (axpy4: its out row loaded and stored once
+         * per four neurons, the same roundings as one axpy per neuron; blocks of 16 left one
+         * axpy per token and block) */
+        float *tile = m->down_tile + (int64_t)ith * H_BLOCK * m->c.n_embd;
+        for (int64_t j0 = 0; j0 < job->n_neurons; j0 += H_BLOCK) {
+            const int nj = (int)MIN_I64(H_BLOCK, job->n_neurons - j0);
+            int active[H_BLOCK] = { 0 }, slot[H_BLOCK], n_used = 0;
+            for (int b = 0; b < job->batch; b++)
+                for (int k = 0; k < nj; k++) active[k] |= job->h[(int64_t)b * ff + j0 + k] != 0.0f;
+            for (int k = 0; k < nj; k++) {
+                slot[k] = n_used;   /* an inactive neuron's h is 0 for every token: never read */
+                if (active[k]) tt->to_float(base + (size_t)(j0 + k) * row_bytes, tile + (int64_t)n_used++ * len, len);
             }
-            tt->to_float(row, row_buf, dim);
             for (int b = 0; b < job->batch; b++) {
-                const float a = job->h[(int64_t)b * ff + i];
-                if (a != 0.0f) f32->axpy(a, row_buf, acc + (int64_t)b * dim, dim);
+                const float *hb = job->h + (int64_t)b * ff + j0;
+                float *y = acc + (int64_t)b * dim;
+                float a[4];
+                const void *rows[4];
+                int n = 0;
+                for (int k = 0; k < nj; k++) {
+                    /* appended without a branch, kept when non-zero: which ones are is data */
+                    a[n] = hb[k];
+                    rows[n] = tile + (int64_t)slot[k] * len;
+                    n += a[n] != 0.0f;
+                    if (n == 4) {
+                        f32->axpy4(a, rows, y, len);
+                        n = 0;
+                    }
+                }
+                for (int r = 0; r < n; r++) f32->axpy(a[r], rows[r], y, len);
             }
         }
-        for (int r = 0; r < n_group; r++) tt->axpy(group_h[r], group_rows[r], acc, dim);
+        return;
     }
+    /* one token: the non-zero neurons four at a time (axpy4 loads and stores acc once per four
+     * rows), the last few one by one */
+    float group_h[4];
+    const void *group_rows[4];
+    int n_group = 0;
+    /* every neuron: a slice of each row is a strided read the hardware prefetchers follow
+     * poorly (two threads, sparse-layout file in dense mode: 10% slower without this) */
+    const int sliced = slice_bytes < row_bytes;
+    /* as many bytes ahead as PREFETCH_AHEAD whole rows: more slices than rows (two threads, Q4_1,
+     * 16 slices ahead: exact mode 6-10% slower) */
+    const int64_t ahead = PREFETCH_AHEAD * (int64_t)((row_bytes + slice_bytes - 1) / slice_bytes);
+    if (job->neurons) prefetch_first_rows_slice(base, row_bytes, slice_bytes, job->neurons, 0, job->n_neurons, ahead);
+    for (int64_t j = 0; j < job->n_neurons; j++) {
+        const int64_t i = job->neurons ? job->neurons[j] : j;
+        if (j + ahead < job->n_neurons && (job->neurons || sliced))
+            prefetch_row(base + (size_t)(job->neurons ? job->neurons[j + ahead] : j + ahead) * row_bytes, slice_bytes);
+        if (job->h[i] == 0.0f) continue;
+        group_h[n_group] = job->h[i];
+        group_rows[n_group] = base + (size_t)i * row_bytes;
+        if (++n_group == 4) {
+            tt->axpy4(group_h, group_rows, acc, len);
+            n_group = 0;
+        }
+    }
+    for (int r = 0; r < n_group; r++) tt->axpy(group_h[r], group_rows[r], acc, len);
 }
 
 static void down_t_product(ps_model *m, const ps_tensor *down_t, const float *h, int batch,
                            const int32_t *neurons, int64_t n_neurons, float *out) {
     down_t_job job = { .m = m, .down_t = down_t, .h = h, .batch = batch, .neurons = neurons,
-                       .n_neurons = n_neurons, .chunk = work_chunk(n_neurons, ps_threadpool_size(m->pool)) };
+                       .n_neurons = n_neurons, .out = out };
     ps_threadpool_run(m->pool, down_t_task, &job);
-    const int64_t n = (int64_t)batch * m->c.n_embd, stride = (int64_t)MAX_BATCH * m->c.n_embd;
-    memcpy(out, m->down_acc, (size_t)n * sizeof(float));
-    for (int t = 1; t < ps_threadpool_size(m->pool); t++) ps_axpy_f32(1.0f, m->down_acc + t * stride, out, n);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -818,8 +869,19 @@ static int check_weights(const ps_config *c, const ps_tensor *tok_embd, const ps
     return 0;
 }
 
+/* zeroed, on a cache line: threads that write neighbouring slices of one buffer (the down
+ * projection's output) then share no line (calloc puts large blocks 16 bytes past a page) */
 static void *alloc_floats(int64_t n, int *failed) {
-    void *p = calloc((size_t)(n > 0 ? n : 1), sizeof(float));
+    const size_t bytes = ((size_t)(n > 0 ? n : 1) * sizeof(float) + CACHE_LINE - 1) / CACHE_LINE * CACHE_LINE;
+    void *p = aligned_alloc(CACHE_LINE, bytes);
+    if (!p) *failed = 1;
+    else memset(p, 0, bytes);
+    return p;
+}
+
+/* a KV cache: calloc'ed, so its pages are committed as positions are written, not at once */
+static float *alloc_cache(const ps_config *c, int32_t n_ctx, int *failed) {
+    float *p = calloc((size_t)c->n_layer * (size_t)n_ctx * (size_t)kv_dim(c), sizeof(float));
     if (!p) *failed = 1;
     return p;
 }
@@ -883,8 +945,8 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
     m->layers = calloc((size_t)c->n_layer, sizeof(ps_layer_weights));
     if (!m->layers) failed = 1;
     else memcpy(m->layers, layers, (size_t)c->n_layer * sizeof(ps_layer_weights));
-    m->k_cache = alloc_floats((int64_t)c->n_layer * n_ctx * kvd, &failed);
-    m->v_cache = alloc_floats((int64_t)c->n_layer * n_ctx * kvd, &failed);
+    m->k_cache = alloc_cache(c, n_ctx, &failed);
+    m->v_cache = alloc_cache(c, n_ctx, &failed);
     m->x = alloc_floats(MAX_BATCH * dim, &failed);
     m->xb = alloc_floats(MAX_BATCH * dim, &failed);
     m->xb2 = alloc_floats(MAX_BATCH * dim, &failed);
@@ -896,7 +958,7 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
     m->hb2 = alloc_floats(MAX_BATCH * ff, &failed);
     m->scores = alloc_floats((int64_t)n_threads * n_ctx, &failed);
     m->row_buf = alloc_floats((int64_t)n_threads * ROW_CHUNK * max_row, &failed);
-    m->down_acc = alloc_floats((int64_t)n_threads * MAX_BATCH * dim, &failed);
+    m->down_tile = alloc_floats((int64_t)n_threads * H_BLOCK * dim, &failed);
     m->pred_threshold = alloc_floats(c->n_layer, &failed);
     m->rope_inv_freq = alloc_floats(c->n_rot / 2, &failed);
     m->rope_cos_sin = alloc_floats(c->n_rot, &failed);
@@ -937,7 +999,7 @@ void ps_model_free(ps_model *m) {
     free(m->x); free(m->xb); free(m->xb2);
     free(m->q); free(m->k); free(m->v); free(m->att_out);
     free(m->hb); free(m->hb2);
-    free(m->scores); free(m->row_buf); free(m->down_acc);
+    free(m->scores); free(m->row_buf); free(m->down_tile);
     free(m->rope_inv_freq); free(m->rope_cos_sin);
     free(m->pred_threshold); free(m->pred_hidden); free(m->pred_logits);
     free_q8(&m->xb_q8); free_q8(&m->att_q8); free_q8(&m->x_q8); free_q8(&m->hidden_q8); free_q8(&m->hb_q8);
