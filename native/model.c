@@ -869,15 +869,19 @@ static int check_weights(const ps_config *c, const ps_tensor *tok_embd, const ps
     return 0;
 }
 
-/* zeroed, on a cache line: threads that write neighbouring slices of one buffer (the down
- * projection's output) then share no line (calloc puts large blocks 16 bytes past a page) */
-static void *alloc_floats(int64_t n, int *failed) {
-    const size_t bytes = ((size_t)(n > 0 ? n : 1) * sizeof(float) + CACHE_LINE - 1) / CACHE_LINE * CACHE_LINE;
-    void *p = aligned_alloc(CACHE_LINE, bytes);
+/* zeroed, starting on a cache line (calloc puts large blocks 16 bytes past a page, small ones
+ * anywhere 16 apart): a kernel's 64-byte loads of a tile or an input then never straddle two
+ * lines, and threads that write neighbouring slices of one buffer (the down projection's
+ * output) share no line */
+static void *alloc_lines(int64_t bytes, int *failed) {
+    const size_t n = ((size_t)(bytes > 0 ? bytes : 1) + CACHE_LINE - 1) / CACHE_LINE * CACHE_LINE;
+    void *p = aligned_alloc(CACHE_LINE, n);
     if (!p) *failed = 1;
-    else memset(p, 0, bytes);
+    else memset(p, 0, n);
     return p;
 }
+
+static void *alloc_floats(int64_t n, int *failed) { return alloc_lines(n * (int64_t)sizeof(float), failed); }
 
 /* a KV cache: calloc'ed, so its pages are committed as positions are written, not at once */
 static float *alloc_cache(const ps_config *c, int32_t n_ctx, int *failed) {
@@ -888,9 +892,7 @@ static float *alloc_cache(const ps_config *c, int32_t n_ctx, int *failed) {
 
 /* room for n values quantised to 8 bits (whole blocks of 32) */
 static ps_q8_vec alloc_q8(int64_t n, int *failed) {
-    ps_q8_vec v = { calloc((size_t)(n > 0 ? n : 1), 1), alloc_floats(n / 32, failed), alloc_floats(n / 32, failed) };
-    if (!v.qs) *failed = 1;
-    return v;
+    return (ps_q8_vec){ alloc_lines(n, failed), alloc_floats(n / 32, failed), alloc_floats(n / 32, failed) };
 }
 
 static void free_q8(ps_q8_vec *v) {
