@@ -29,6 +29,13 @@
 /* Neurons a prompt's down projection takes together (down_t_task): their rows, dequantised,
  * fill a thread's down_tile. */
 #define H_BLOCK 64
+/* The down projection's output is split among threads in units of this many floats (or of a
+ * quantised type's 32-float blocks). A multiple of every SIMD step (AVX-512 16, AVX2 8, NEON 4):
+ * the kernels' scalar tails round differently from their vector loops (no fused multiply-add),
+ * so a slice must never start where a tail would begin, or the same element would be rounded
+ * differently for another thread count. */
+#define DOWN_UNIT 16
+_Static_assert(DOWN_UNIT % 16 == 0, "a slice starts on every kernel's vector step");
 #define CACHE_LINE 64
 #define MIN_I64(a, b) ((a) < (b) ? (a) : (b))
 
@@ -398,7 +405,7 @@ static void attention_task(void *ctx, int ith, int nth) {
 
 /* ------------------------------------------------------------------------------------------
  * The down projection from ffn_down_t: out[b] = sum over neurons i of h[b][i] * down_t[i].
- * Each thread owns a slice of out's elements (whole blocks of the rows, an equal share) and
+ * Each thread owns a slice of out's elements (whole blocks of the rows, equal to a block) and
  * adds every neuron's piece of it in neuron order: no partial sums to add up afterwards, and
  * each element is summed in the same order whatever the number of threads, so one, two or
  * eight threads give the same bits (with each thread taking whole neurons instead, the sums
@@ -411,15 +418,16 @@ typedef struct {
     const ps_tensor *down_t;
     const float *h;              /* (batch, n_ff) activated neurons */
     int batch;
-    const int32_t *neurons;      /* the neurons to add, or NULL for all */
+    const int32_t *neurons;      /* the neurons to add (batch 1 only), or NULL for all */
     int64_t n_neurons;
     float *out;                  /* (batch, n_embd) */
 } down_t_job;
 
-/* a row's slice for thread ith of nth: elements [*e0, *e1), on block boundaries (16-element
- * units for the float types, a vector's worth); empty when there are more threads than units */
+/* a row's slice for thread ith of nth: elements [*e0, *e1), on block boundaries (DOWN_UNIT
+ * elements for the float types); the slices differ by at most one unit, and are empty when there
+ * are more threads than units */
 static void down_t_slice(const ps_tensor *w, int ith, int nth, int64_t *e0, int64_t *e1) {
-    const int64_t bs = ps_type_traits_for(w->type, -1)->block_size, unit = bs > 1 ? bs : 16;
+    const int64_t bs = ps_type_traits_for(w->type, -1)->block_size, unit = bs > 1 ? bs : DOWN_UNIT;
     const int64_t units = (w->ne0 + unit - 1) / unit;
     *e0 = MIN_I64(units * ith / nth * unit, w->ne0);
     *e1 = MIN_I64(units * (ith + 1) / nth * unit, w->ne0);
@@ -442,11 +450,12 @@ static void down_t_task(void *ctx, int ith, int nth) {
     for (int b = 0; b < job->batch; b++) memset(job->out + b * dim + e0, 0, (size_t)len * sizeof(float));
     float *acc = job->out + e0;
     if (job->batch > 1) {
-        /* a prompt (every neuron: a batch never comes with a list), H_BLOCK neurons at a time:
-         * the rows of those active for some token dequantised into the thread's tile, then each
-         * token adds its non-zero ones four at a time (axpy4: its out row loaded and stored once
-         * per four neurons, the same roundings as one axpy per neuron; blocks of 16 left one
-         * axpy per token and block) */
+        /* a prompt (every neuron: down_t_product takes a list with one token only), H_BLOCK
+         * neurons at a time: the rows of those active for some token dequantised into the
+         * thread's tile, then each token adds its non-zero ones four at a time (axpy4: its out
+         * row loaded and stored once per four neurons, the same roundings as one axpy per
+         * neuron). A token's last one to three non-zero neurons of a block take an axpy each,
+         * so blocks of 64 rather than 16: with 16 and ~30% active, as many axpy as axpy4 calls. */
         float *tile = m->down_tile + (int64_t)ith * H_BLOCK * m->c.n_embd;
         for (int64_t j0 = 0; j0 < job->n_neurons; j0 += H_BLOCK) {
             const int nj = (int)MIN_I64(H_BLOCK, job->n_neurons - j0);
@@ -505,6 +514,8 @@ static void down_t_task(void *ctx, int ith, int nth) {
     for (int r = 0; r < n_group; r++) tt->axpy(group_h[r], group_rows[r], acc, len);
 }
 
+/* out = the down projection of h over every neuron, or (one token only: batch 1) over the
+ * listed ones; a batch with a list is not supported (no caller has one: prompts run dense) */
 static void down_t_product(ps_model *m, const ps_tensor *down_t, const float *h, int batch,
                            const int32_t *neurons, int64_t n_neurons, float *out) {
     down_t_job job = { .m = m, .down_t = down_t, .h = h, .batch = batch, .neurons = neurons,
