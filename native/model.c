@@ -53,8 +53,9 @@ struct ps_model {
     ps_threadpool *pool;
 
     /* KV cache */
-    float *k_cache;              /* (n_layer, n_ctx, kv_dim) */
-    float *v_cache;              /* (n_layer, n_ctx, kv_dim) */
+    float *k_cache;              /* (n_layer, n_ctx, kv_dim), on a cache line */
+    float *v_cache;              /* (n_layer, n_ctx, kv_dim), on a cache line */
+    void *k_cache_mem, *v_cache_mem;   /* what was allocated for them (to free) */
 
     /* activations for a chunk of up to MAX_BATCH tokens */
     float *x;                    /* (batch, n_embd) residual stream        */
@@ -894,11 +895,13 @@ static void *alloc_lines(int64_t bytes, int *failed) {
 
 static void *alloc_floats(int64_t n, int *failed) { return alloc_lines(n * (int64_t)sizeof(float), failed); }
 
-/* a KV cache: calloc'ed, so its pages are committed as positions are written, not at once */
-static float *alloc_cache(const ps_config *c, int32_t n_ctx, int *failed) {
-    float *p = calloc((size_t)c->n_layer * (size_t)n_ctx * (size_t)kv_dim(c), sizeof(float));
-    if (!p) *failed = 1;
-    return p;
+/* a KV cache, starting on a cache line (attention's loads of a head's keys and values then
+ * never straddle two): calloc'ed a line longer than needed, not aligned_alloc'ed and zeroed, so
+ * its pages become resident as positions are written, not at once. *mem gets what to free. */
+static float *alloc_cache(const ps_config *c, int32_t n_ctx, void **mem, int *failed) {
+    *mem = calloc((size_t)c->n_layer * (size_t)n_ctx * (size_t)kv_dim(c) * sizeof(float) + CACHE_LINE, 1);
+    if (!*mem) { *failed = 1; return NULL; }
+    return (float *)(((uintptr_t)*mem + CACHE_LINE - 1) & ~(uintptr_t)(CACHE_LINE - 1));
 }
 
 /* room for n values quantised to 8 bits (whole blocks of 32) */
@@ -958,8 +961,8 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
     m->layers = calloc((size_t)c->n_layer, sizeof(ps_layer_weights));
     if (!m->layers) failed = 1;
     else memcpy(m->layers, layers, (size_t)c->n_layer * sizeof(ps_layer_weights));
-    m->k_cache = alloc_cache(c, n_ctx, &failed);
-    m->v_cache = alloc_cache(c, n_ctx, &failed);
+    m->k_cache = alloc_cache(c, n_ctx, &m->k_cache_mem, &failed);
+    m->v_cache = alloc_cache(c, n_ctx, &m->v_cache_mem, &failed);
     m->x = alloc_floats(MAX_BATCH * dim, &failed);
     m->xb = alloc_floats(MAX_BATCH * dim, &failed);
     m->xb2 = alloc_floats(MAX_BATCH * dim, &failed);
@@ -1008,7 +1011,7 @@ void ps_model_free(ps_model *m) {
     if (!m) return;
     ps_threadpool_free(m->pool);
     free(m->layers);
-    free(m->k_cache); free(m->v_cache);
+    free(m->k_cache_mem); free(m->v_cache_mem);
     free(m->x); free(m->xb); free(m->xb2);
     free(m->q); free(m->k); free(m->v); free(m->att_out);
     free(m->hb); free(m->hb2);
