@@ -53,9 +53,11 @@ struct ps_model {
     ps_threadpool *pool;
 
     /* KV cache */
-    float *k_cache;              /* (n_layer, n_ctx, kv_dim), on a cache line */
-    float *v_cache;              /* (n_layer, n_ctx, kv_dim), on a cache line */
+    char *k_cache;               /* (n_layer, n_ctx, kv_dim) of kv_type, on a cache line */
+    char *v_cache;               /* (n_layer, n_ctx, kv_dim) of kv_type, on a cache line */
     void *k_cache_mem, *v_cache_mem;   /* what was allocated for them (to free) */
+    int32_t kv_type;             /* PS_TYPE_F32 or PS_TYPE_F16 */
+    size_t kv_size;              /* bytes per element of the caches */
 
     /* activations for a chunk of up to MAX_BATCH tokens */
     float *x;                    /* (batch, n_embd) residual stream        */
@@ -380,8 +382,11 @@ static void attention_task(void *ctx, int ith, int nth) {
      * against 3.5% for the products themselves (perf) */
     const ps_type_traits *f32 = ps_type_traits_for(PS_TYPE_F32, -1);
     const ps_f32_ops *ops = ps_f32_ops_for(-1);
-    const float *kc = m->k_cache + (int64_t)job->layer * m->n_ctx * kvd;
-    const float *vc = m->v_cache + (int64_t)job->layer * m->n_ctx * kvd;
+    /* F16 caches: the F16 kernels' dot against q, and axpy4 over four positions' values */
+    const ps_type_traits *kv = ps_type_traits_for(m->kv_type, -1);
+    const size_t es = m->kv_size;
+    const char *kc = m->k_cache + (size_t)job->layer * (size_t)m->n_ctx * (size_t)kvd * es;
+    const char *vc = m->v_cache + (size_t)job->layer * (size_t)m->n_ctx * (size_t)kvd * es;
     float *scores = m->scores + (int64_t)ith * m->n_ctx;
     const int units = job->batch * c->n_head;
     for (int u; (u = atomic_fetch_add(&job->next, 1)) < units;) {
@@ -390,7 +395,8 @@ static void attention_task(void *ctx, int ith, int nth) {
         const float *q = m->q + (int64_t)b * q_dim(c) + h * hd;
         float max_score = -INFINITY;
         for (int t = 0; t < n; t++) {
-            scores[t] = f32->dot(q, kc + (int64_t)t * kvd + kvh * hd, hd) * scale;
+            const char *k = kc + ((size_t)t * kvd + (size_t)kvh * hd) * es;
+            scores[t] = (m->kv_type == PS_TYPE_F32 ? f32->dot(q, (const float *)k, hd) : kv->dot(k, q, hd)) * scale;
             if (scores[t] > max_score) max_score = scores[t];
         }
         for (int t = 0; t < n; t++) scores[t] -= max_score;
@@ -398,7 +404,18 @@ static void attention_task(void *ctx, int ith, int nth) {
         float sum = 0.0f;
         for (int t = 0; t < n; t++) sum += scores[t];
         float *out = m->att_out + (int64_t)b * q_dim(c) + h * hd;
-        ops->weighted_sum(scores, n, vc + kvh * hd, kvd, hd, out);
+        if (m->kv_type == PS_TYPE_F32) {
+            ops->weighted_sum(scores, n, (const float *)vc + kvh * hd, kvd, hd, out);
+        } else {
+            memset(out, 0, (size_t)hd * sizeof(float));
+            int t = 0;
+            for (; t + 4 <= n; t += 4) {
+                const void *rows[4];
+                for (int r = 0; r < 4; r++) rows[r] = vc + ((size_t)(t + r) * kvd + (size_t)kvh * hd) * es;
+                kv->axpy4(scores + t, rows, out, hd);
+            }
+            for (; t < n; t++) kv->axpy(scores[t], vc + ((size_t)t * kvd + (size_t)kvh * hd) * es, out, hd);
+        }
         const float inv_sum = 1.0f / sum;
         for (int i = 0; i < hd; i++) out[i] *= inv_sum;
     }
@@ -727,9 +744,15 @@ static void forward_chunk(ps_model *m, const int32_t *tokens, int batch, int pos
             rope_angles(m, pos, m->rope_cos_sin);
             rope(m->q + (int64_t)b * qd, c->n_head, c->head_dim, c->n_rot, m->rope_cos_sin);
             rope(m->k + (int64_t)b * kvd, c->n_head_kv, c->head_dim, c->n_rot, m->rope_cos_sin);
-            const int64_t at = ((int64_t)L * m->n_ctx + pos) * kvd;
-            memcpy(m->k_cache + at, m->k + (int64_t)b * kvd, (size_t)kvd * sizeof(float));
-            memcpy(m->v_cache + at, m->v + (int64_t)b * kvd, (size_t)kvd * sizeof(float));
+            const size_t at = ((size_t)L * (size_t)m->n_ctx + (size_t)pos) * (size_t)kvd * m->kv_size;
+            if (m->kv_type == PS_TYPE_F32) {
+                memcpy(m->k_cache + at, m->k + (int64_t)b * kvd, (size_t)kvd * sizeof(float));
+                memcpy(m->v_cache + at, m->v + (int64_t)b * kvd, (size_t)kvd * sizeof(float));
+            } else {
+                const ps_type_traits *kv = ps_type_traits_for(m->kv_type, -1);
+                kv->from_float(m->k + (int64_t)b * kvd, m->k_cache + at, kvd);
+                kv->from_float(m->v + (int64_t)b * kvd, m->v_cache + at, kvd);
+            }
         }
         attention_job att = { .m = m, .layer = L, .batch = batch, .pos0 = pos0 };
         atomic_init(&att.next, 0);
@@ -898,10 +921,10 @@ static void *alloc_floats(int64_t n, int *failed) { return alloc_lines(n * (int6
 /* a KV cache, starting on a cache line (attention's loads of a head's keys and values then
  * never straddle two): calloc'ed a line longer than needed, not aligned_alloc'ed and zeroed, so
  * its pages become resident as positions are written, not at once. *mem gets what to free. */
-static float *alloc_cache(const ps_config *c, int32_t n_ctx, void **mem, int *failed) {
-    *mem = calloc((size_t)c->n_layer * (size_t)n_ctx * (size_t)kv_dim(c) * sizeof(float) + CACHE_LINE, 1);
+static char *alloc_cache(const ps_config *c, int32_t n_ctx, size_t elem, void **mem, int *failed) {
+    *mem = calloc((size_t)c->n_layer * (size_t)n_ctx * (size_t)kv_dim(c) * elem + CACHE_LINE, 1);
     if (!*mem) { *failed = 1; return NULL; }
-    return (float *)(((uintptr_t)*mem + CACHE_LINE - 1) & ~(uintptr_t)(CACHE_LINE - 1));
+    return (char *)(((uintptr_t)*mem + CACHE_LINE - 1) & ~(uintptr_t)(CACHE_LINE - 1));
 }
 
 /* room for n values quantised to 8 bits (whole blocks of 32) */
@@ -961,8 +984,10 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
     m->layers = calloc((size_t)c->n_layer, sizeof(ps_layer_weights));
     if (!m->layers) failed = 1;
     else memcpy(m->layers, layers, (size_t)c->n_layer * sizeof(ps_layer_weights));
-    m->k_cache = alloc_cache(c, n_ctx, &m->k_cache_mem, &failed);
-    m->v_cache = alloc_cache(c, n_ctx, &m->v_cache_mem, &failed);
+    m->kv_type = PS_TYPE_F32;
+    m->kv_size = sizeof(float);
+    m->k_cache = alloc_cache(c, n_ctx, m->kv_size, &m->k_cache_mem, &failed);
+    m->v_cache = alloc_cache(c, n_ctx, m->kv_size, &m->v_cache_mem, &failed);
     m->x = alloc_floats(MAX_BATCH * dim, &failed);
     m->xb = alloc_floats(MAX_BATCH * dim, &failed);
     m->xb2 = alloc_floats(MAX_BATCH * dim, &failed);
@@ -1050,6 +1075,29 @@ int32_t ps_model_set_activations(ps_model *m, int32_t mode, char *err, int32_t e
 }
 
 int32_t ps_model_activations(const ps_model *m) { return m->activations; }
+
+int32_t ps_model_set_kv_type(ps_model *m, int32_t type, char *err, int32_t err_len) {
+    if (type != PS_TYPE_F32 && type != PS_TYPE_F16) {
+        set_error(err, err_len, "unknown KV cache type %d (F32 = %d or F16 = %d)", type, PS_TYPE_F32, PS_TYPE_F16);
+        return -1;
+    }
+    const size_t elem = type == PS_TYPE_F32 ? sizeof(float) : sizeof(uint16_t);
+    void *k_mem = NULL, *v_mem = NULL;
+    int failed = 0;
+    char *k = alloc_cache(&m->c, m->n_ctx, elem, &k_mem, &failed);
+    char *v = alloc_cache(&m->c, m->n_ctx, elem, &v_mem, &failed);
+    if (failed) {
+        free(k_mem); free(v_mem);
+        set_error(err, err_len, "out of memory allocating the KV cache (n_ctx = %d)", m->n_ctx);
+        return -1;
+    }
+    free(m->k_cache_mem); free(m->v_cache_mem);
+    m->k_cache = k, m->v_cache = v, m->k_cache_mem = k_mem, m->v_cache_mem = v_mem;
+    m->kv_type = type, m->kv_size = elem;
+    return 0;
+}
+
+int32_t ps_model_kv_type(const ps_model *m) { return m->kv_type; }
 int32_t ps_model_has_integer_weights(const ps_model *m) { return m->has_integer_weights; }
 int32_t ps_model_has_predictor(const ps_model *m) { return m->has_predictor; }
 

@@ -110,6 +110,12 @@ int32_t ps_model_has_predictor(const ps_model *m);
 /* Selects PS_ACTIVATIONS_* (default Q8). Returns 0, or -1 with a message for an unknown mode. */
 int32_t ps_model_set_activations(ps_model *m, int32_t mode, char *err, int32_t err_len);
 int32_t ps_model_activations(const ps_model *m);
+/* The type the KV cache stores keys and values in: PS_TYPE_F32 (default) or PS_TYPE_F16 (half
+ * the memory, and half the bytes a token reads from it; keys and values rounded to f16, as
+ * llama.cpp stores them). Reallocates the cache, emptied: call it before evaluating. Returns 0,
+ * or -1 with a message (another type; out of memory, the old cache kept). */
+int32_t ps_model_set_kv_type(ps_model *m, int32_t type, char *err, int32_t err_len);
+int32_t ps_model_kv_type(const ps_model *m);
 /* 1 if some matrix the model multiplies by has an integer kernel (Q8 mode changes something) */
 int32_t ps_model_has_integer_weights(const ps_model *m);
 

@@ -20,7 +20,7 @@ from . import constants as K
 from .gguf_file import GGUFError, GGUFFile
 from .loader import SPARSE_MODES, ModelSpec, read_spec
 from .model_cache import ModelDownloadError
-from .native import ACTIVATIONS, LayerStats, NativeError, NativeModel
+from .native import ACTIVATIONS, KV_TYPES, LayerStats, NativeError, NativeModel
 from .sampling import Sampler, SamplingParams
 
 DEFAULT_N_CTX = 4096
@@ -135,12 +135,14 @@ class Runtime:
     predictor mode). activations: how decoding's mat-vecs read their input, "f32" or "q8"
     (quantised to 8 bits per block of 32 for the Q8_0/Q4_0/Q4_1 weights, which then run
     integer dot products, as llama.cpp does; faster, with logits within about 1% of f32);
-    "auto" is q8 when the file has such weights.
+    "auto" is q8 when the file has such weights. kv_type: what the KV cache stores keys and
+    values in, "f32" or "f16" (half the memory, and half the bytes each token reads from the
+    cache, which at long contexts rival the weights'; rounded to f16 as llama.cpp stores them).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, n_ctx: int | None = None,
                  threads: int | None = None, seed: int | None = None, sparse: str | None = None,
-                 sparse_stats: bool = False, activations: str = "auto"):
+                 sparse_stats: bool = False, activations: str = "auto", kv_type: str = "f32"):
         start = time.perf_counter()
         if path is None:
             from .model_cache import default_model_path
@@ -157,6 +159,8 @@ class Runtime:
             self.threads = threads if threads is not None else physical_cores()
             if self.threads <= 0:
                 raise ValueError(f"threads must be positive, got {self.threads}")
+            if kv_type not in KV_TYPES:
+                raise ValueError(f"unknown KV cache type {kv_type!r}; choose one of {', '.join(KV_TYPES)}")
             mode = sparse or self.spec.best_sparse_mode
             if mode not in SPARSE_MODES:
                 raise ValueError(f"unknown sparse mode {mode!r}; choose one of {', '.join(SPARSE_MODES)}")
@@ -164,6 +168,7 @@ class Runtime:
                                       transpose_down_for_sparse=mode != "dense" and not self.spec.has_down_t)
             self._model.sparse_mode = mode
             self.activations = activations
+            self._model.kv_type = kv_type
             self._model.set_stats(sparse_stats)
         except BaseException:
             self._gguf.close()
@@ -217,6 +222,11 @@ class Runtime:
         if mode == "auto":
             mode = "q8" if self._model.has_integer_weights else "f32"
         self._model.activations = mode
+
+    @property
+    def kv_type(self) -> str:
+        """What the KV cache stores keys and values in: "f32" or "f16" (set at creation)."""
+        return self._model.kv_type
 
     @property
     def predictor_thresholds(self) -> list[float]:

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activations", choices=["auto", "f32", "q8"], default="auto",
                    help="how decoding reads its input: f32, or q8 (8-bit, for Q8_0/Q4_0/Q4_1 weights: "
                         "integer dot products, faster) (default: auto, q8 when the file has such weights)")
+    p.add_argument("--kv-type", choices=["f32", "f16"], default="f32",
+                   help="what the KV cache stores keys and values in: f16 halves its memory and what each "
+                        "token reads from it (faster at long contexts) (default: f32)")
     p.add_argument("--version", action="version", version=f"prosparse {__version__}")
     return p
 
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("no prompt: give one with -p TEXT or -f FILE (or use --chat)")
         with Runtime(args.model, n_ctx=args.ctx_size or None, threads=args.threads,
                      seed=None if args.seed < 0 else args.seed, sparse=args.sparse,
-                     sparse_stats=args.sparse_stats, activations=args.activations) as rt:
+                     sparse_stats=args.sparse_stats, activations=args.activations,
+                     kv_type=args.kv_type) as rt:
             if args.predictor_threshold is not None:
                 rt.set_predictor_threshold(args.predictor_threshold)
             totals = _Totals(rt.timings.load_ms)

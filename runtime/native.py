@@ -16,6 +16,7 @@ ERR_LEN = 512
 # How single-token mat-vecs read their input (prosparse.h, PS_ACTIVATIONS_*): float32, or
 # quantised to 8 bits for the weights whose type has an integer kernel (Q8_0, Q4_0, Q4_1).
 ACTIVATIONS = {"f32": lib.PS_ACTIVATIONS_F32, "q8": lib.PS_ACTIVATIONS_Q8}
+KV_TYPES = {"f32": 0, "f16": 1}   # ggml type ids, as the C side's PS_TYPE_F32 / PS_TYPE_F16
 
 
 class NativeError(RuntimeError):
@@ -139,6 +140,20 @@ class NativeModel:
             raise ValueError(f"unknown activations mode {mode!r}; choose one of {', '.join(ACTIVATIONS)}")
         err = ffi.new("char[]", ERR_LEN)
         if lib.ps_model_set_activations(self._ptr, ACTIVATIONS[mode], err, ERR_LEN) != 0:
+            raise ValueError(ffi.string(err).decode(errors="replace"))
+
+    @property
+    def kv_type(self) -> str:
+        kv = lib.ps_model_kv_type(self._ptr)
+        return next(k for k, v in KV_TYPES.items() if v == kv)
+
+    @kv_type.setter
+    def kv_type(self, name: str) -> None:
+        """Reallocates the KV cache, emptied: before evaluating."""
+        if name not in KV_TYPES:
+            raise ValueError(f"unknown KV cache type {name!r}; choose one of {', '.join(KV_TYPES)}")
+        err = ffi.new("char[]", ERR_LEN)
+        if lib.ps_model_set_kv_type(self._ptr, KV_TYPES[name], err, ERR_LEN) != 0:
             raise ValueError(ffi.string(err).decode(errors="replace"))
 
     @property

@@ -84,12 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--activations", choices=["auto", "f32", "q8"], default="auto",
                    help="how token-by-token evaluation reads its input (default: auto, q8 for Q8_0/Q4_0/Q4_1 "
                         "weights); an explicit q8 evaluates token by token, as batches read f32")
+    p.add_argument("--kv-type", choices=["f32", "f16"], default="f32",
+                   help="what the KV cache stores keys and values in (default: f32)")
     args = p.parse_args(argv)
     try:
         with open(args.file, encoding="utf-8") as f:
             text = f.read()
         with Runtime(args.model, n_ctx=args.ctx_size, threads=args.threads, sparse=args.sparse,
-                     activations=args.activations) as rt:
+                     activations=args.activations, kv_type=args.kv_type) as rt:
             if args.predictor_threshold is not None:
                 rt.set_predictor_threshold(args.predictor_threshold)
             tokens = rt.tokenize(text, add_bos=False)
