@@ -4,11 +4,15 @@ weights each generated token reads and that traffic's share of the machine's mem
     prosparse-bench                                  # default model, pp128 + tg64, physical cores
     prosparse-bench -m a.gguf -m b.gguf -p 128 -n 64 -t 1,2 -r 5 --sparse dense,exact -o json
     prosparse-bench -m q8_0.gguf -p 0 -n 64 -t 1 --activations f32,q8   # decode's input: float or 8-bit
+    prosparse-bench -p 0 -n 64 -d 0,1500 --kv-type f32,f16            # decoding after 1500 tokens
 
 Tests (tokenisation and sampling excluded; fixed token ids are fed):
 - ``ppN``: one batched evaluation of N prompt tokens from position 0 (the KV cache is
   overwritten, as llama-bench clears it).
 - ``tgN``: a 1-token prompt (untimed), then N single-token decode steps, timed together.
+- ``-d D`` (llama-bench's depth): D tokens are evaluated first, untimed, so the test's tokens
+  attend to D more positions; the test is named ``ppN @ dD`` / ``tgN @ dD``. The KV cache's
+  reads, which then grow with D, are not part of the weight bytes below.
 Each test runs once untimed (warm-up), then ``-r`` times; t/s is the mean ± sample standard
 deviation of the per-repetition rates, as llama-bench reports it. The token ids are a fixed
 English passage in the model's own tokenizer (the sparse modes skip what real text leaves
@@ -61,7 +65,7 @@ from . import constants as K
 from .api import ACTIVATION_MODES, Runtime, physical_cores
 from .loader import ModelSpec, read_spec
 from .gguf_file import GGUFFile, advise_huge_pages
-from .native import LayerStats
+from .native import KV_TYPES, LayerStats
 
 # Token ids for the tests: an English passage (tokenised once, before any timing).
 PASSAGE = (
@@ -213,13 +217,15 @@ class Result:
     threads: int
     mode: str
     activations: str             # "f32", "q8" (what the Runtime resolved)
-    test: str                    # "pp128", "tg64"
+    test: str                    # "pp128", "tg64", "tg64 @ d1500"
     n_prompt: int
     n_gen: int
     samples_ns: list[int]
     weight_bytes: int | None = None          # per generated token (tg only)
     bandwidth: float | None = None           # bytes/s for this thread count
     layers: list[LayerStats] | None = field(default=None, repr=False)
+    n_depth: int = 0                         # tokens evaluated before the test
+    kv_type: str = "f32"                     # the KV cache's type
 
     @property
     def n_tokens(self) -> int:
@@ -273,49 +279,63 @@ def run_prompt(rt: Runtime, tokens: list[int]) -> None:
     rt._model.eval(tokens, 0)
 
 
-def run_decode(rt: Runtime, tokens: list[int], n_gen: int) -> int:
-    """tgN: tokens[0] as the prompt (untimed), then n_gen decode steps; returns their ns."""
+def prompt_ns(rt: Runtime, tokens: list[int], n: int, depth: int = 0) -> int:
+    """ppN @ dD: tokens[:depth] evaluated (untimed), then the next n as one batch; returns its ns."""
+    if not depth:
+        return _timed(lambda: run_prompt(rt, tokens[:n]))
+    rt._model.eval(tokens[:depth], 0)
+    return _timed(lambda: rt._model.eval(tokens[depth:depth + n], depth))
+
+
+def run_decode(rt: Runtime, tokens: list[int], n_gen: int, depth: int = 0) -> int:
+    """tgN @ dD: tokens[:depth + 1] as the prompt (untimed), then n_gen decode steps; returns
+    their ns."""
     model = rt._model
-    model.eval(tokens[:1], 0)
+    model.eval(tokens[:depth + 1], 0)
 
     def steps():
-        for i in range(n_gen):
+        for i in range(depth, depth + n_gen):
             model.eval(tokens[1 + i:2 + i], 1 + i)
     return _timed(steps)
 
 
 def bench_model(info: ModelInfo, threads: int, mode: str, prompts: list[int], gens: list[int], reps: int,
-                bandwidth: float | None, predictor_threshold: float | None, activations: str = "auto"):
-    """Yields a Result per test (every ppN, then every tgN) for one model, thread count, mode
-    and activations mode."""
-    longest = max(prompts + [n + 1 for n in gens])
-    with Runtime(info.path, n_ctx=longest, threads=threads, sparse=mode, activations=activations) as rt:
+                bandwidth: float | None, predictor_threshold: float | None, activations: str = "auto",
+                depths: list[int] = (0,), kv_type: str = "f32"):
+    """Yields a Result per test (at each depth, every ppN, then every tgN) for one model,
+    thread count, mode, activations mode and KV cache type."""
+    longest = max(prompts + [n + 1 for n in gens]) + max(depths)
+    with Runtime(info.path, n_ctx=longest, threads=threads, sparse=mode, activations=activations,
+                 kv_type=kv_type) as rt:
         act = rt.activations
         if predictor_threshold is not None and mode == "predictor":
             rt.set_predictor_threshold(predictor_threshold)
         tokens = bench_tokens(rt, longest)
-        for n in prompts:
-            run_prompt(rt, tokens[:n])                                     # warm-up
-            samples = [_timed(lambda: run_prompt(rt, tokens[:n])) for _ in range(reps)]
-            yield Result(info, threads, mode, act, f"pp{n}", n, 0, samples)
-        for n in gens:
-            run_decode(rt, tokens, 1)                                      # warm-up
-            samples = [run_decode(rt, tokens, n) for _ in range(reps)]
-            layers = None
-            if needs_activity(info.spec, mode):                            # activity, untimed
-                rt.collect_stats(True)
-                run_decode(rt, tokens, n)
-                layers = rt.sparsity().layers
-                rt.collect_stats(False)
-            yield Result(info, threads, mode, act, f"tg{n}", 0, n, samples,
-                         weight_bytes_per_token(info.spec, mode, layers), bandwidth, layers)
+        for d in depths:
+            at = f" @ d{d}" if d else ""
+            for n in prompts:
+                prompt_ns(rt, tokens, n, d)                                # warm-up
+                samples = [prompt_ns(rt, tokens, n, d) for _ in range(reps)]
+                yield Result(info, threads, mode, act, f"pp{n}{at}", n, 0, samples, n_depth=d, kv_type=kv_type)
+            for n in gens:
+                run_decode(rt, tokens, 1, d)                               # warm-up
+                samples = [run_decode(rt, tokens, n, d) for _ in range(reps)]
+                layers = None
+                if needs_activity(info.spec, mode):                        # activity, untimed
+                    rt.collect_stats(True)
+                    run_decode(rt, tokens, n, d)
+                    layers = rt.sparsity().layers
+                    rt.collect_stats(False)
+                yield Result(info, threads, mode, act, f"tg{n}{at}", 0, n, samples,
+                             weight_bytes_per_token(info.spec, mode, layers), bandwidth, layers,
+                             n_depth=d, kv_type=kv_type)
 
 
 # ------------------------------------------------------------------------------------------
 # Output
 # ------------------------------------------------------------------------------------------
 
-COLUMNS = ("model", "size", "params", "threads", "mode", "act", "test", "t/s", "weight bytes/token",
+COLUMNS = ("model", "size", "params", "threads", "mode", "act", "kv", "test", "t/s", "weight bytes/token",
            "% of bandwidth")
 _ALIGN_RIGHT = {"size", "params", "threads", "t/s", "weight bytes/token", "% of bandwidth"}
 
@@ -328,7 +348,7 @@ def markdown_cells(r: Result) -> list[str]:
     share = r.bandwidth_share
     return [
         r.model.desc, _size(r.model.size_bytes), f"{r.model.n_params / 1e6:.2f} M", str(r.threads), r.mode,
-        r.activations, r.test, f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}",
+        r.activations, r.kv_type, r.test, f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}",
         "-" if r.weight_bytes is None else f"{r.weight_bytes / MIB:.2f} MiB",
         "-" if share is None else f"{100 * share:.1f}%",
     ]
@@ -336,7 +356,7 @@ def markdown_cells(r: Result) -> list[str]:
 
 class MarkdownTable:
     """Prints the header at once and each row as its test finishes (widths fixed up front)."""
-    WIDTHS = {"model": 30, "size": 10, "params": 9, "threads": 7, "mode": 9, "act": 3, "test": 6, "t/s": 16,
+    WIDTHS = {"model": 30, "size": 10, "params": 9, "threads": 7, "mode": 9, "act": 3, "kv": 3, "test": 13, "t/s": 16,
               "weight bytes/token": 18, "% of bandwidth": 14}
 
     def __init__(self, out):
@@ -362,8 +382,8 @@ def json_record(r: Result) -> dict:
     return {
         "model": r.model.desc, "model_filename": str(r.model.path), "model_size": r.model.size_bytes,
         "model_n_params": r.model.n_params, "n_threads": r.threads, "sparse": r.mode,
-        "activations": r.activations, "test": r.test,
-        "n_prompt": r.n_prompt, "n_gen": r.n_gen,
+        "activations": r.activations, "type_kv": r.kv_type, "test": r.test,
+        "n_prompt": r.n_prompt, "n_gen": r.n_gen, "n_depth": r.n_depth,
         "avg_ns": int(statistics.fmean(r.samples_ns)),
         "stddev_ns": int(statistics.stdev(r.samples_ns)) if len(r.samples_ns) > 1 else 0,
         "avg_ts": r.avg_ts, "stddev_ts": r.stddev_ts, "samples_ns": r.samples_ns, "samples_ts": r.samples_ts,
@@ -434,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="MODE[,MODE...]",
                    help="how decoding reads its input: f32, q8 (8-bit, for Q8_0/Q4_0/Q4_1 weights) or auto "
                         "(q8 when the file has such weights; the default)")
+    p.add_argument("-d", "--n-depth", type=_int_list, default=[0], metavar="N[,N...]",
+                   help="tokens evaluated (untimed) before each test, as llama-bench's depth (default: 0)")
+    p.add_argument("--kv-type", type=_choice_list("KV cache type", tuple(KV_TYPES)), default=["f32"],
+                   metavar="TYPE[,TYPE...]", help="what the KV cache stores keys and values in: f32, f16 (default: f32)")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md",
                    help="md: a markdown table; json: one JSON object per line (default: md)")
     p.add_argument("--bw-mib", type=int, default=DEFAULT_BW_MIB,
@@ -478,12 +502,13 @@ def main(argv: list[str] | None = None) -> int:
                           f"tensors (blk.N.fc1.weight, blk.N.fc2.weight)", file=sys.stderr)
                     continue
                 for act in args.activations:
-                    for r in bench_model(info, t, mode, prompts, gens, args.repetitions, bandwidth.get(t),
-                                         args.predictor_threshold, act):
-                        if table:
-                            table.row(r)
-                        else:
-                            print(json.dumps(json_record(r)), flush=True)
+                    for kv in args.kv_type:
+                        for r in bench_model(info, t, mode, prompts, gens, args.repetitions, bandwidth.get(t),
+                                             args.predictor_threshold, act, args.n_depth, kv):
+                            if table:
+                                table.row(r)
+                            else:
+                                print(json.dumps(json_record(r)), flush=True)
     if table:
         print()
         if bandwidth:

@@ -158,3 +158,37 @@ def test_read_sum_reads_every_byte_in_every_isa(n_bytes, offset):
     for isa in range(4):
         if lib.ps_kernels_isa_available(isa):
             assert lib.ps_read_sum(ffi.from_buffer(data), n_bytes, isa) == expected, isa
+
+
+def test_depth_and_kv_type(relu_path, capsys):
+    """-d D evaluates D tokens first (llama-bench's depth; the tests are named "... @ dD"),
+    --kv-type runs each test with each KV cache type."""
+    out = run_bench(capsys, "-m", relu_path, *ARGS, "--sparse", "exact", "-d", "0,40", "--kv-type", "f32,f16",
+                    "-o", "json")
+    records = [json.loads(ln) for ln in out.splitlines()]
+    assert [(r["type_kv"], r["n_depth"], r["test"]) for r in records] == [
+        (kv, d, test + (f" @ d{d}" if d else "")) for kv in ("f32", "f16") for d in (0, 40) for test in ("pp8", "tg4")]
+    rows = markdown_rows(run_bench(capsys, "-m", relu_path, *ARGS, "--sparse", "exact", "-d", "40", "--kv-type", "f16"))
+    assert [(r["kv"], r["test"]) for r in rows] == [("f16", "pp8 @ d40"), ("f16", "tg4 @ d40")]
+
+
+def test_depth_positions(relu_path):
+    """What the timed part evaluates at depth D: a prompt of D tokens first, then the test's
+    tokens at positions D, D+1, ... (tg: after one more prompt token, as at depth 0)."""
+    with bench.Runtime(relu_path, n_ctx=64, threads=1) as rt:
+        tokens = bench.bench_tokens(rt, 64)
+        calls = []
+        real = rt._model.eval
+        rt._model.eval = lambda toks, pos, **kw: (calls.append((len(toks), pos)), real(toks, pos, **kw))[1]
+        bench.run_decode(rt, tokens, 3, depth=20)
+        assert calls == [(21, 0), (1, 21), (1, 22), (1, 23)]
+        calls.clear()
+        bench.prompt_ns(rt, tokens, 8, depth=20)
+        assert calls == [(20, 0), (8, 20)]
+
+
+def test_negative_depth_is_refused(relu_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["-m", str(relu_path), *ARGS, "--n-depth=-1"])
+    assert e.value.code == 2
+    assert "argument -d/--n-depth: expected non-negative integers, got '-1'" in capsys.readouterr().err
