@@ -128,33 +128,34 @@ class NativeModel:
             raise NativeError(ffi.string(err).decode(errors="replace"))
         return out if all_logits else out[0]
 
-    # --- activations ---------------------------------------------------------------------
-    @property
-    def activations(self) -> str:
-        mode = lib.ps_model_activations(self._ptr)
-        return next(k for k, v in ACTIVATIONS.items() if v == mode)
+    # --- activations and KV cache type (named settings, each a C getter and setter) --------
+    def _get_named(self, getter, table: dict) -> str:
+        value = getter(self._ptr)
+        return next(k for k, v in table.items() if v == value)
 
-    @activations.setter
-    def activations(self, mode: str) -> None:
-        if mode not in ACTIVATIONS:
-            raise ValueError(f"unknown activations mode {mode!r}; choose one of {', '.join(ACTIVATIONS)}")
+    def _set_named(self, setter, table: dict, kind: str, name: str) -> None:
+        if name not in table:
+            raise ValueError(f"unknown {kind} {name!r}; choose one of {', '.join(table)}")
         err = ffi.new("char[]", ERR_LEN)
-        if lib.ps_model_set_activations(self._ptr, ACTIVATIONS[mode], err, ERR_LEN) != 0:
+        if setter(self._ptr, table[name], err, ERR_LEN) != 0:
             raise ValueError(ffi.string(err).decode(errors="replace"))
 
     @property
+    def activations(self) -> str:
+        return self._get_named(lib.ps_model_activations, ACTIVATIONS)
+
+    @activations.setter
+    def activations(self, mode: str) -> None:
+        self._set_named(lib.ps_model_set_activations, ACTIVATIONS, "activations mode", mode)
+
+    @property
     def kv_type(self) -> str:
-        kv = lib.ps_model_kv_type(self._ptr)
-        return next(k for k, v in KV_TYPES.items() if v == kv)
+        return self._get_named(lib.ps_model_kv_type, KV_TYPES)
 
     @kv_type.setter
     def kv_type(self, name: str) -> None:
         """Reallocates the KV cache, emptied: before evaluating."""
-        if name not in KV_TYPES:
-            raise ValueError(f"unknown KV cache type {name!r}; choose one of {', '.join(KV_TYPES)}")
-        err = ffi.new("char[]", ERR_LEN)
-        if lib.ps_model_set_kv_type(self._ptr, KV_TYPES[name], err, ERR_LEN) != 0:
-            raise ValueError(ffi.string(err).decode(errors="replace"))
+        self._set_named(lib.ps_model_set_kv_type, KV_TYPES, "KV cache type", name)
 
     @property
     def has_integer_weights(self) -> bool:
