@@ -168,7 +168,8 @@ class Runtime:
                                       transpose_down_for_sparse=mode != "dense" and not self.spec.has_down_t)
             self._model.sparse_mode = mode
             self.activations = activations
-            self._model.kv_type = kv_type
+            if kv_type != self._model.kv_type:    # f32 is what the model was created with
+                self._model.kv_type = kv_type
             self._model.set_stats(sparse_stats)
         except BaseException:
             self._gguf.close()

@@ -10,9 +10,11 @@ Tests (tokenisation and sampling excluded; fixed token ids are fed):
 - ``ppN``: one batched evaluation of N prompt tokens from position 0 (the KV cache is
   overwritten, as llama-bench clears it).
 - ``tgN``: a 1-token prompt (untimed), then N single-token decode steps, timed together.
-- ``-d D`` (llama-bench's depth): D tokens are evaluated first, untimed, so the test's tokens
-  attend to D more positions; the test is named ``ppN @ dD`` / ``tgN @ dD``. The KV cache's
-  reads, which then grow with D, are not part of the weight bytes below.
+- ``-d D`` (llama-bench's depth): D tokens are evaluated first, untimed, and the test's tokens
+  follow at positions D, D+1, ... (tg at depth 0 keeps its 1-token prompt); the test is named
+  ``ppN @ dD`` / ``tgN @ dD``. The KV cache's reads, which grow with D, are not part of the
+  weight bytes below, and the activity the sparse modes' bytes come from is counted over the
+  decode steps alone (the untimed prompt runs the dense FFN).
 Each test runs once untimed (warm-up), then ``-r`` times; t/s is the mean ± sample standard
 deviation of the per-repetition rates, as llama-bench reports it. The token ids are a fixed
 English passage in the model's own tokenizer (the sparse modes skip what real text leaves
@@ -287,15 +289,19 @@ def prompt_ns(rt: Runtime, tokens: list[int], n: int, depth: int = 0) -> int:
     return _timed(lambda: rt._model.eval(tokens[depth:depth + n], depth))
 
 
-def run_decode(rt: Runtime, tokens: list[int], n_gen: int, depth: int = 0) -> int:
-    """tgN @ dD: tokens[:depth + 1] as the prompt (untimed), then n_gen decode steps; returns
-    their ns."""
+def run_decode(rt: Runtime, tokens: list[int], n_gen: int, depth: int = 0,
+               before_steps: Callable[[], None] | None = None) -> int:
+    """tgN @ dD: tokens[:max(depth, 1)] as the prompt (untimed), then n_gen decode steps from
+    the next position; returns their ns. before_steps runs between the two (untimed)."""
     model = rt._model
-    model.eval(tokens[:depth + 1], 0)
+    start = max(depth, 1)
+    model.eval(tokens[:start], 0)
+    if before_steps:
+        before_steps()
 
     def steps():
-        for i in range(depth, depth + n_gen):
-            model.eval(tokens[1 + i:2 + i], 1 + i)
+        for i in range(start, start + n_gen):
+            model.eval(tokens[i:i + 1], i)
     return _timed(steps)
 
 
@@ -321,9 +327,8 @@ def bench_model(info: ModelInfo, threads: int, mode: str, prompts: list[int], ge
                 run_decode(rt, tokens, 1, d)                               # warm-up
                 samples = [run_decode(rt, tokens, n, d) for _ in range(reps)]
                 layers = None
-                if needs_activity(info.spec, mode):                        # activity, untimed
-                    rt.collect_stats(True)
-                    run_decode(rt, tokens, n, d)
+                if needs_activity(info.spec, mode):   # activity of the steps alone, untimed
+                    run_decode(rt, tokens, n, d, before_steps=lambda: rt.collect_stats(True))
                     layers = rt.sparsity().layers
                     rt.collect_stats(False)
                 yield Result(info, threads, mode, act, f"tg{n}{at}", 0, n, samples,

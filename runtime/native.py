@@ -16,7 +16,7 @@ ERR_LEN = 512
 # How single-token mat-vecs read their input (prosparse.h, PS_ACTIVATIONS_*): float32, or
 # quantised to 8 bits for the weights whose type has an integer kernel (Q8_0, Q4_0, Q4_1).
 ACTIVATIONS = {"f32": lib.PS_ACTIVATIONS_F32, "q8": lib.PS_ACTIVATIONS_Q8}
-KV_TYPES = {"f32": 0, "f16": 1}   # ggml type ids, as the C side's PS_TYPE_F32 / PS_TYPE_F16
+KV_TYPES = {"f32": lib.PS_TYPE_F32, "f16": lib.PS_TYPE_F16}
 
 
 class NativeError(RuntimeError):

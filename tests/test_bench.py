@@ -174,14 +174,17 @@ def test_depth_and_kv_type(relu_path, capsys):
 
 def test_depth_positions(relu_path):
     """What the timed part evaluates at depth D: a prompt of D tokens first, then the test's
-    tokens at positions D, D+1, ... (tg: after one more prompt token, as at depth 0)."""
+    tokens at positions D, D+1, ... (as llama-bench; tg at depth 0 keeps a 1-token prompt)."""
     with bench.Runtime(relu_path, n_ctx=64, threads=1) as rt:
         tokens = bench.bench_tokens(rt, 64)
         calls = []
         real = rt._model.eval
         rt._model.eval = lambda toks, pos, **kw: (calls.append((len(toks), pos)), real(toks, pos, **kw))[1]
         bench.run_decode(rt, tokens, 3, depth=20)
-        assert calls == [(21, 0), (1, 21), (1, 22), (1, 23)]
+        assert calls == [(20, 0), (1, 20), (1, 21), (1, 22)]
+        calls.clear()
+        bench.run_decode(rt, tokens, 2)
+        assert calls == [(1, 0), (1, 1), (1, 2)]
         calls.clear()
         bench.prompt_ns(rt, tokens, 8, depth=20)
         assert calls == [(20, 0), (8, 20)]
@@ -192,3 +195,13 @@ def test_negative_depth_is_refused(relu_path, capsys):
         bench.main(["-m", str(relu_path), *ARGS, "--n-depth=-1"])
     assert e.value.code == 2
     assert "argument -d/--n-depth: expected non-negative integers, got '-1'" in capsys.readouterr().err
+
+
+def test_activity_at_depth_counts_the_decode_steps_alone(relu_path, capsys):
+    """The sparse modes' bytes per token come from the decode steps' activity: the untimed prompt
+    before them runs the dense FFN (every neuron computed) and must not count."""
+    out = run_bench(capsys, "-m", relu_path, *ARGS, "-p", "0", "-n", "8", "--sparse", "exact", "-d", "0,40",
+                    "-o", "json")
+    at = {r["n_depth"]: r for r in map(json.loads, out.splitlines())}
+    assert 0 < at[0]["ffn_computed_fraction"] < 0.75 and 0 < at[40]["ffn_computed_fraction"] < 0.75
+    assert at[40]["weight_bytes_per_token"] < DENSE_BYTES
