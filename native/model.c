@@ -57,7 +57,6 @@ struct ps_model {
     char *v_cache;               /* (n_layer, n_ctx, kv_dim) of kv_type, on a cache line */
     void *k_cache_mem, *v_cache_mem;   /* what was allocated for them (to free) */
     int32_t kv_type;             /* PS_TYPE_F32 or PS_TYPE_F16 */
-    size_t kv_size;              /* bytes per element of the caches */
 
     /* activations for a chunk of up to MAX_BATCH tokens */
     float *x;                    /* (batch, n_embd) residual stream        */
@@ -377,14 +376,14 @@ static void attention_task(void *ctx, int ith, int nth) {
     const ps_config *c = &m->c;
     const int hd = c->head_dim, kvd = kv_dim(c), group = c->n_head / c->n_head_kv;
     const float scale = 1.0f / sqrtf((float)hd);
-    /* the f32 kernels, looked up once: ps_dot_f32 / ps_axpy_f32 check the dispatch on every
-     * call, and on head_dim-long vectors that took 2.4% of a 1-thread F16 prompt's samples
-     * against 3.5% for the products themselves (perf) */
-    const ps_type_traits *f32 = ps_type_traits_for(PS_TYPE_F32, -1);
+    /* the kernels, looked up once: ps_dot_f32 / ps_axpy_f32 check the dispatch on every call,
+     * and on head_dim-long vectors that took 2.4% of a 1-thread F16 prompt's samples against
+     * 3.5% for the products themselves (perf). The cache type's dot scores the keys (F32: the
+     * f32 dot, operands swapped, the same bits); F16 values are added by its axpy4, four
+     * positions at a time, F32 values by the f32 weighted sum. */
     const ps_f32_ops *ops = ps_f32_ops_for(-1);
-    /* F16 caches: the F16 kernels' dot against q, and axpy4 over four positions' values */
     const ps_type_traits *kv = ps_type_traits_for(m->kv_type, -1);
-    const size_t es = m->kv_size;
+    const size_t es = ps_row_bytes(m->kv_type, 1);
     const char *kc = m->k_cache + (size_t)job->layer * (size_t)m->n_ctx * (size_t)kvd * es;
     const char *vc = m->v_cache + (size_t)job->layer * (size_t)m->n_ctx * (size_t)kvd * es;
     float *scores = m->scores + (int64_t)ith * m->n_ctx;
@@ -396,7 +395,7 @@ static void attention_task(void *ctx, int ith, int nth) {
         float max_score = -INFINITY;
         for (int t = 0; t < n; t++) {
             const char *k = kc + ((size_t)t * kvd + (size_t)kvh * hd) * es;
-            scores[t] = (m->kv_type == PS_TYPE_F32 ? f32->dot(q, (const float *)k, hd) : kv->dot(k, q, hd)) * scale;
+            scores[t] = kv->dot(k, q, hd) * scale;
             if (scores[t] > max_score) max_score = scores[t];
         }
         for (int t = 0; t < n; t++) scores[t] -= max_score;
@@ -721,6 +720,7 @@ static void forward_chunk(ps_model *m, const int32_t *tokens, int batch, int pos
     const int dim = c->n_embd, qd = q_dim(c), kvd = kv_dim(c);
     const ps_type_traits *embd_tt = ps_type_traits_for(m->tok_embd.type, -1);
     const size_t embd_row_bytes = ps_row_bytes(m->tok_embd.type, dim);
+    const ps_type_traits *kv = ps_type_traits_for(m->kv_type, -1);
     float *tmp = m->row_buf; /* thread 0's row buffer doubles as scratch for norm weights */
 
     for (int b = 0; b < batch; b++) {
@@ -744,15 +744,10 @@ static void forward_chunk(ps_model *m, const int32_t *tokens, int batch, int pos
             rope_angles(m, pos, m->rope_cos_sin);
             rope(m->q + (int64_t)b * qd, c->n_head, c->head_dim, c->n_rot, m->rope_cos_sin);
             rope(m->k + (int64_t)b * kvd, c->n_head_kv, c->head_dim, c->n_rot, m->rope_cos_sin);
-            const size_t at = ((size_t)L * (size_t)m->n_ctx + (size_t)pos) * (size_t)kvd * m->kv_size;
-            if (m->kv_type == PS_TYPE_F32) {
-                memcpy(m->k_cache + at, m->k + (int64_t)b * kvd, (size_t)kvd * sizeof(float));
-                memcpy(m->v_cache + at, m->v + (int64_t)b * kvd, (size_t)kvd * sizeof(float));
-            } else {
-                const ps_type_traits *kv = ps_type_traits_for(m->kv_type, -1);
-                kv->from_float(m->k + (int64_t)b * kvd, m->k_cache + at, kvd);
-                kv->from_float(m->v + (int64_t)b * kvd, m->v_cache + at, kvd);
-            }
+            /* in the cache's type (F32: a copy) */
+            const size_t at = ((size_t)L * (size_t)m->n_ctx + (size_t)pos) * ps_row_bytes(m->kv_type, kvd);
+            kv->from_float(m->k + (int64_t)b * kvd, m->k_cache + at, kvd);
+            kv->from_float(m->v + (int64_t)b * kvd, m->v_cache + at, kvd);
         }
         attention_job att = { .m = m, .layer = L, .batch = batch, .pos0 = pos0 };
         atomic_init(&att.next, 0);
@@ -985,9 +980,8 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
     if (!m->layers) failed = 1;
     else memcpy(m->layers, layers, (size_t)c->n_layer * sizeof(ps_layer_weights));
     m->kv_type = PS_TYPE_F32;
-    m->kv_size = sizeof(float);
-    m->k_cache = alloc_cache(c, n_ctx, m->kv_size, &m->k_cache_mem, &failed);
-    m->v_cache = alloc_cache(c, n_ctx, m->kv_size, &m->v_cache_mem, &failed);
+    m->k_cache = alloc_cache(c, n_ctx, sizeof(float), &m->k_cache_mem, &failed);
+    m->v_cache = alloc_cache(c, n_ctx, sizeof(float), &m->v_cache_mem, &failed);
     m->x = alloc_floats(MAX_BATCH * dim, &failed);
     m->xb = alloc_floats(MAX_BATCH * dim, &failed);
     m->xb2 = alloc_floats(MAX_BATCH * dim, &failed);
@@ -1081,7 +1075,7 @@ int32_t ps_model_set_kv_type(ps_model *m, int32_t type, char *err, int32_t err_l
         set_error(err, err_len, "unknown KV cache type %d (F32 = %d or F16 = %d)", type, PS_TYPE_F32, PS_TYPE_F16);
         return -1;
     }
-    const size_t elem = type == PS_TYPE_F32 ? sizeof(float) : sizeof(uint16_t);
+    const size_t elem = ps_row_bytes(type, 1);
     void *k_mem = NULL, *v_mem = NULL;
     int failed = 0;
     char *k = alloc_cache(&m->c, m->n_ctx, elem, &k_mem, &failed);
@@ -1093,7 +1087,7 @@ int32_t ps_model_set_kv_type(ps_model *m, int32_t type, char *err, int32_t err_l
     }
     free(m->k_cache_mem); free(m->v_cache_mem);
     m->k_cache = k, m->v_cache = v, m->k_cache_mem = k_mem, m->v_cache_mem = v_mem;
-    m->kv_type = type, m->kv_size = elem;
+    m->kv_type = type;
     return 0;
 }
 

@@ -20,7 +20,7 @@ from . import constants as K
 from .gguf_file import GGUFError, GGUFFile
 from .loader import SPARSE_MODES, ModelSpec, read_spec
 from .model_cache import ModelDownloadError
-from .native import ACTIVATIONS, KV_TYPES, LayerStats, NativeError, NativeModel
+from .native import ACTIVATIONS, KV_TYPES, LayerStats, NativeError, NativeModel, check_name
 from .sampling import Sampler, SamplingParams
 
 DEFAULT_N_CTX = 4096
@@ -159,8 +159,7 @@ class Runtime:
             self.threads = threads if threads is not None else physical_cores()
             if self.threads <= 0:
                 raise ValueError(f"threads must be positive, got {self.threads}")
-            if kv_type not in KV_TYPES:
-                raise ValueError(f"unknown KV cache type {kv_type!r}; choose one of {', '.join(KV_TYPES)}")
+            check_name("KV cache type", kv_type, KV_TYPES)   # before the model is built
             mode = sparse or self.spec.best_sparse_mode
             if mode not in SPARSE_MODES:
                 raise ValueError(f"unknown sparse mode {mode!r}; choose one of {', '.join(SPARSE_MODES)}")

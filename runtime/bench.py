@@ -283,9 +283,8 @@ def run_prompt(rt: Runtime, tokens: list[int]) -> None:
 
 def prompt_ns(rt: Runtime, tokens: list[int], n: int, depth: int = 0) -> int:
     """ppN @ dD: tokens[:depth] evaluated (untimed), then the next n as one batch; returns its ns."""
-    if not depth:
-        return _timed(lambda: run_prompt(rt, tokens[:n]))
-    rt._model.eval(tokens[:depth], 0)
+    if depth:
+        rt._model.eval(tokens[:depth], 0)
     return _timed(lambda: rt._model.eval(tokens[depth:depth + n], depth))
 
 

@@ -19,6 +19,12 @@ ACTIVATIONS = {"f32": lib.PS_ACTIVATIONS_F32, "q8": lib.PS_ACTIVATIONS_Q8}
 KV_TYPES = {"f32": lib.PS_TYPE_F32, "f16": lib.PS_TYPE_F16}
 
 
+def check_name(kind: str, name: str, table: dict) -> None:
+    """ValueError unless name is one of table's keys (a setting's names: ACTIVATIONS, KV_TYPES)."""
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; choose one of {', '.join(table)}")
+
+
 class NativeError(RuntimeError):
     """The C runtime refused an operation; the message says why."""
 
@@ -134,8 +140,7 @@ class NativeModel:
         return next(k for k, v in table.items() if v == value)
 
     def _set_named(self, setter, table: dict, kind: str, name: str) -> None:
-        if name not in table:
-            raise ValueError(f"unknown {kind} {name!r}; choose one of {', '.join(table)}")
+        check_name(kind, name, table)
         err = ffi.new("char[]", ERR_LEN)
         if setter(self._ptr, table[name], err, ERR_LEN) != 0:
             raise ValueError(ffi.string(err).decode(errors="replace"))
