@@ -31,6 +31,12 @@
 #else
 #define HAVE_AVX_VNNI 0
 #endif
+/* AVX512-BF16 intrinsics (vdpbf16ps) arrived in gcc 10 and clang 9 */
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10)
+#define HAVE_AVX512_BF16 1
+#else
+#define HAVE_AVX512_BF16 0
+#endif
 #endif
 #if defined(__aarch64__)
 #include <arm_neon.h>
@@ -483,6 +489,10 @@ static int64_t keep_at_least_scalar(float *x, int64_t n, float min, int32_t *idx
         if (x[i] != 0.0f) idx[k++] = (int32_t)i;
     }
     return k;
+}
+
+static void to_bf16_scalar(const float *x, uint16_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = ps_f32_to_bf16(x[i]);
 }
 
 static void weighted_sum_scalar(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k, float *out) {
@@ -1531,6 +1541,88 @@ TARGET_AVX512_VNNI INLINE __m512i mul_acc_avx512_vnni(__m512i acc, __m512i u, __
 }
 DOT_Q8_AVX512(TARGET_AVX512_VNNI, avx512_vnni, mul_sum_avx512_vnni, mul_acc_avx512_vnni)
 SIMD_Q8_DOT4(TARGET_AVX512_VNNI, avx512_vnni, quantize_q8_avx512)
+
+/* ps_f32_to_bf16 on 16 lanes (integer steps, not vcvtneps2bf16, so every ISA rounds alike) */
+TARGET_AVX512 static void to_bf16_avx512(const float *x, uint16_t *out, int64_t n) {
+    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask(n - i);
+        const __m512i b = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, x + i));
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, abs_mask), inf);
+        r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(b, 16), _mm512_set1_epi32(64));
+        _mm256_mask_storeu_epi16(out + i, m, _mm512_cvtepi32_epi16(r));
+    }
+}
+
+#if HAVE_AVX512_BF16
+/* AVX512-BF16: BF16 weights times bf16 activations, 32 pairs of products per vdpbf16ps */
+#define TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,avx2,fma,f16c")))
+
+/* 32 bf16 values from p + i, those past n as zeros (not read) */
+TARGET_AVX512_BF16 INLINE __m512bh bf16x32_avx512_bf16(const uint16_t *p, int64_t i, int64_t n) {
+    const __mmask32 m = n - i >= 32 ? ~(__mmask32)0 : ((__mmask32)1 << (n - i)) - 1;
+    return (__m512bh)_mm512_maskz_loadu_epi16(m, p + i);
+}
+
+/* two accumulators, 64 weights a step; the tail's pairs masked to zero */
+TARGET_AVX512_BF16 static float dot_bf16_avx512_bf16(const void *row, const uint16_t *x, int64_t n) {
+    const uint16_t *w = row;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
+        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(w + i + 32), (__m512bh)_mm512_loadu_si512(x + i + 32));
+    }
+    for (; i < n; i += 32) acc0 = _mm512_dpbf16_ps(acc0, bf16x32_avx512_bf16(w, i, n), bf16x32_avx512_bf16(x, i, n));
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+/* tiles of 4 rows x 4 tokens: 16 accumulators along k, 8 loads per 16 vdpbf16ps (a's rows
+ * and b's tokens are both bf16, so nothing is converted in the loop); the tile's 16 sums reduced
+ * together as the f32 GEMM's, token t's 4 rows stored from 128-bit chunk t */
+TARGET_AVX512_BF16 static void gemm_bf16_avx512_bf16(const void *a, int64_t lda, int64_t m, const uint16_t *b,
+                                                     int64_t ldb, int64_t nb, int64_t k, float *c, int64_t ldc) {
+    const uint16_t *a16 = a;
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+        const uint16_t *ar[4] = { a16 + i * lda, a16 + (i + 1) * lda, a16 + (i + 2) * lda, a16 + (i + 3) * lda };
+        int64_t j = 0;
+        for (; j + 4 <= nb; j += 4) {
+            const uint16_t *br[4] = { b + j * ldb, b + (j + 1) * ldb, b + (j + 2) * ldb, b + (j + 3) * ldb };
+            __m512 acc[16]; /* token t, row r: acc[4t + r] */
+            for (int q = 0; q < 16; q++) acc[q] = _mm512_setzero_ps();
+            int64_t p = 0;
+            for (; p + 32 <= k; p += 32) {
+                __m512bh va[4];
+                for (int r = 0; r < 4; r++) va[r] = (__m512bh)_mm512_loadu_si512(ar[r] + p);
+                for (int t = 0; t < 4; t++) {
+                    const __m512bh vb = (__m512bh)_mm512_loadu_si512(br[t] + p);
+                    for (int r = 0; r < 4; r++) acc[4 * t + r] = _mm512_dpbf16_ps(acc[4 * t + r], va[r], vb);
+                }
+            }
+            if (p < k) {
+                __m512bh va[4];
+                for (int r = 0; r < 4; r++) va[r] = bf16x32_avx512_bf16(ar[r], p, k);
+                for (int t = 0; t < 4; t++) {
+                    const __m512bh vb = bf16x32_avx512_bf16(br[t], p, k);
+                    for (int r = 0; r < 4; r++) acc[4 * t + r] = _mm512_dpbf16_ps(acc[4 * t + r], va[r], vb);
+                }
+            }
+            const __m512 sums = sum16_avx512(acc);
+            _mm_storeu_ps(c + j * ldc + i, _mm512_extractf32x4_ps(sums, 0));
+            _mm_storeu_ps(c + (j + 1) * ldc + i, _mm512_extractf32x4_ps(sums, 1));
+            _mm_storeu_ps(c + (j + 2) * ldc + i, _mm512_extractf32x4_ps(sums, 2));
+            _mm_storeu_ps(c + (j + 3) * ldc + i, _mm512_extractf32x4_ps(sums, 3));
+        }
+        for (; j < nb; j++)
+            for (int r = 0; r < 4; r++) c[j * ldc + i + r] = dot_bf16_avx512_bf16(ar[r], b + j * ldb, k);
+    }
+    for (; i < m; i++)
+        for (int64_t j = 0; j < nb; j++) c[j * ldc + i] = dot_bf16_avx512_bf16(a16 + i * lda, b + j * ldb, k);
+}
+#endif
 #endif /* __x86_64__ */
 
 #if defined(__aarch64__)
@@ -1811,6 +1903,7 @@ static const kernel_row *const isa_kernels[PS_ISA_COUNT] = {
     [PS_ISA_AVX2_VNNI]    = kernels_avx2,
     [PS_ISA_AVX512]       = kernels_avx512,
     [PS_ISA_AVX512_VNNI]  = kernels_avx512,
+    [PS_ISA_AVX512_BF16]  = kernels_avx512,
 #endif
 #if defined(__aarch64__)
     [PS_ISA_NEON]         = kernels_neon,
@@ -1828,6 +1921,9 @@ static const q8_kernels *const isa_q8[PS_ISA_COUNT] = {
 #endif
     [PS_ISA_AVX512]       = &q8_avx512,
     [PS_ISA_AVX512_VNNI]  = &q8_avx512_vnni,
+#if HAVE_AVX512_BF16
+    [PS_ISA_AVX512_BF16]  = &q8_avx512_vnni,
+#endif
 #endif
 #if defined(__aarch64__)
     [PS_ISA_NEON]         = &q8_neon,
@@ -1835,13 +1931,13 @@ static const q8_kernels *const isa_q8[PS_ISA_COUNT] = {
 #endif
 };
 
-static const ps_f32_ops f32_ops_scalar = { exp_scalar, weighted_sum_scalar, keep_at_least_scalar };
+static const ps_f32_ops f32_ops_scalar = { exp_scalar, weighted_sum_scalar, keep_at_least_scalar, to_bf16_scalar };
 #if defined(__x86_64__)
-static const ps_f32_ops f32_ops_avx2 = { exp_avx2, weighted_sum_avx2, keep_at_least_scalar };
-static const ps_f32_ops f32_ops_avx512 = { exp_avx512, weighted_sum_avx512, keep_at_least_avx512 };
+static const ps_f32_ops f32_ops_avx2 = { exp_avx2, weighted_sum_avx2, keep_at_least_scalar, to_bf16_scalar };
+static const ps_f32_ops f32_ops_avx512 = { exp_avx512, weighted_sum_avx512, keep_at_least_avx512, to_bf16_avx512 };
 #endif
 #if defined(__aarch64__)
-static const ps_f32_ops f32_ops_neon = { exp_neon, weighted_sum_neon, keep_at_least_scalar };
+static const ps_f32_ops f32_ops_neon = { exp_neon, weighted_sum_neon, keep_at_least_scalar, to_bf16_scalar };
 #endif
 
 /* NULL: not built (a VNNI / dotprod level has its base's) */
@@ -1852,6 +1948,7 @@ static const ps_f32_ops *const isa_f32_ops[PS_ISA_COUNT] = {
     [PS_ISA_AVX2_VNNI]    = &f32_ops_avx2,
     [PS_ISA_AVX512]       = &f32_ops_avx512,
     [PS_ISA_AVX512_VNNI]  = &f32_ops_avx512,
+    [PS_ISA_AVX512_BF16]  = &f32_ops_avx512,
 #endif
 #if defined(__aarch64__)
     [PS_ISA_NEON]         = &f32_ops_neon,
@@ -1867,13 +1964,14 @@ static const gemm_fn isa_gemm[PS_ISA_COUNT] = {
     [PS_ISA_AVX2_VNNI]   = gemm_avx2,
     [PS_ISA_AVX512]      = gemm_avx512,
     [PS_ISA_AVX512_VNNI] = gemm_avx512,
+    [PS_ISA_AVX512_BF16] = gemm_avx512,
 #endif
 };
 
 static const char *const isa_names[PS_ISA_COUNT] = {
     [PS_ISA_SCALAR] = "scalar", [PS_ISA_AVX2] = "avx2", [PS_ISA_AVX2_VNNI] = "avx2_vnni",
-    [PS_ISA_AVX512] = "avx512", [PS_ISA_AVX512_VNNI] = "avx512_vnni", [PS_ISA_NEON] = "neon",
-    [PS_ISA_NEON_DOTPROD] = "neon_dotprod",
+    [PS_ISA_AVX512] = "avx512", [PS_ISA_AVX512_VNNI] = "avx512_vnni", [PS_ISA_AVX512_BF16] = "avx512_bf16",
+    [PS_ISA_NEON] = "neon", [PS_ISA_NEON_DOTPROD] = "neon_dotprod",
 };
 
 #if defined(__x86_64__)
@@ -1902,6 +2000,8 @@ static int cpu_supports(int isa) {
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
     case PS_ISA_AVX512_VNNI: /* AVX512_VNNI: leaf 7.0, ecx bit 11 */
         return cpu_supports(PS_ISA_AVX512) && cpuid7_bit(0, 2, 11);
+    case PS_ISA_AVX512_BF16: /* AVX512_BF16: leaf 7.1, eax bit 5 */
+        return cpu_supports(PS_ISA_AVX512_VNNI) && cpuid7_bit(1, 0, 5);
 #endif
 #if defined(__aarch64__)
     case PS_ISA_NEON: return 1; /* Advanced SIMD is part of AArch64 */
@@ -1917,6 +2017,14 @@ static int cpu_supports(int isa) {
     default: return 0;
     }
 }
+
+/* NULL: the isa has no bf16 dot (only AVX512_BF16 has one, for BF16 rows) */
+typedef float (*dot_bf16_fn)(const void *row, const uint16_t *x, int64_t n);
+static const dot_bf16_fn isa_dot_bf16[PS_ISA_COUNT] = {
+#if defined(__x86_64__) && HAVE_AVX512_BF16
+    [PS_ISA_AVX512_BF16] = dot_bf16_avx512_bf16,
+#endif
+};
 
 static ps_type_traits traits[PS_ISA_COUNT][PS_TYPE_COUNT];
 static int available[PS_ISA_COUNT];
@@ -1937,7 +2045,8 @@ static void init_tables(void) {
             const kernel_row *k = &isa_kernels[isa][t];
             traits[isa][t] = (ps_type_traits){ layouts[t].name, layouts[t].block_size, layouts[t].block_bytes,
                                                k->to_float, layouts[t].from_float, k->dot, k->axpy,
-                                               k->axpy4, isa_q8[isa]->dot[t], isa_q8[isa]->dot4[t] };
+                                               k->axpy4, isa_q8[isa]->dot[t], isa_q8[isa]->dot4[t],
+                                               t == PS_TYPE_BF16 ? isa_dot_bf16[isa] : NULL };
         }
     }
     /* PROSPARSE_ISA=<name> picks a lower instruction set this CPU has (to compare kernels, or
@@ -2010,14 +2119,38 @@ typedef void (*gemm_half_fn)(const void *a, int64_t lda, int64_t m, const float 
                              int64_t k, float *c, int64_t ldc);
 static const gemm_half_fn isa_gemm_f16[PS_ISA_COUNT] = {
 #if defined(__x86_64__)
-    [PS_ISA_AVX512] = gemm_f16_avx512, [PS_ISA_AVX512_VNNI] = gemm_f16_avx512,
+    [PS_ISA_AVX512] = gemm_f16_avx512, [PS_ISA_AVX512_VNNI] = gemm_f16_avx512, [PS_ISA_AVX512_BF16] = gemm_f16_avx512,
 #endif
 };
 static const gemm_half_fn isa_gemm_bf16[PS_ISA_COUNT] = {
 #if defined(__x86_64__)
-    [PS_ISA_AVX512] = gemm_bf16_avx512, [PS_ISA_AVX512_VNNI] = gemm_bf16_avx512,
+    [PS_ISA_AVX512] = gemm_bf16_avx512, [PS_ISA_AVX512_VNNI] = gemm_bf16_avx512, [PS_ISA_AVX512_BF16] = gemm_bf16_avx512,
 #endif
 };
+
+/* GEMMs of BF16 rows and bf16 activations: AVX512_BF16 only */
+typedef void (*gemm_bf16act_fn)(const void *a, int64_t lda, int64_t m, const uint16_t *b, int64_t ldb, int64_t nb,
+                                int64_t k, float *c, int64_t ldc);
+static const gemm_bf16act_fn isa_gemm_bf16act[PS_ISA_COUNT] = {
+#if defined(__x86_64__) && HAVE_AVX512_BF16
+    [PS_ISA_AVX512_BF16] = gemm_bf16_avx512_bf16,
+#endif
+};
+
+int ps_gemm_nt_bf16_isa(int isa, const void *a, int64_t lda, int64_t m, const uint16_t *b, int64_t ldb, int64_t nb,
+                        int64_t k, float *c, int64_t ldc) {
+    ensure_init();
+    if (isa < 0 || isa >= PS_ISA_COUNT || !available[isa] || !isa_gemm_bf16act[isa]) return -1;
+    isa_gemm_bf16act[isa](a, lda, m, b, ldb, nb, k, c, ldc);
+    return 0;
+}
+
+int ps_gemm_nt_bf16_supported(void) { return isa_gemm_bf16act[ps_kernels_best_isa()] != NULL; }
+
+int ps_gemm_nt_bf16(const void *a, int64_t lda, int64_t m, const uint16_t *b, int64_t ldb, int64_t nb, int64_t k,
+                    float *c, int64_t ldc) {
+    return ps_gemm_nt_bf16_isa(ps_kernels_best_isa(), a, lda, m, b, ldb, nb, k, c, ldc);
+}
 
 int ps_gemm_nt_typed_isa(int isa, int a_type, const void *a, int64_t lda, int64_t m, const float *b, int64_t ldb,
                          int64_t nb, int64_t k, float *c, int64_t ldc) {

@@ -5,7 +5,8 @@
  *
  * Kernels take float32 activations, except dot_q8: the integer types (Q8_0, Q4_0, Q4_1) also
  * have a dot with the activation vector quantised to 8 bits (ps_q8_vec), computed with integer
- * multiply-adds as llama.cpp does. A "row" is ne0 weights of one type, stored as
+ * multiply-adds as llama.cpp does; and dot_bf16 (and ps_gemm_nt_bf16): where the CPU has
+ * AVX512-BF16, BF16 rows times activations rounded to bf16, with vdpbf16ps. A "row" is ne0 weights of one type, stored as
  * ne0 / block_size consecutive blocks; n is always a multiple of block_size.
  */
 #ifndef PROSPARSE_KERNELS_H
@@ -34,9 +35,10 @@ enum {
     PS_ISA_AVX2_VNNI    = 2, /* + AVX-VNNI: vpdpbusd on 256 bits                          */
     PS_ISA_AVX512       = 3, /* AVX-512 F/BW/VL; int8 products with vpmaddubsw            */
     PS_ISA_AVX512_VNNI  = 4, /* + AVX512-VNNI: vpdpbusd on 512 bits                       */
-    PS_ISA_NEON         = 5, /* int8 products with widening multiplies                    */
-    PS_ISA_NEON_DOTPROD = 6, /* + the dot-product extension (sdot)                         */
-    PS_ISA_COUNT        = 7,
+    PS_ISA_AVX512_BF16  = 5, /* + AVX512-BF16: vdpbf16ps for BF16 weights (dot_bf16)       */
+    PS_ISA_NEON         = 6, /* int8 products with widening multiplies                    */
+    PS_ISA_NEON_DOTPROD = 7, /* + the dot-product extension (sdot)                         */
+    PS_ISA_COUNT        = 8,
 };
 
 /* n activations quantised to 8 bits per block of 32, as llama.cpp quantises the input of a
@@ -75,6 +77,10 @@ typedef struct {
      * there is no such kernel (AVX-512 and AVX2 have one for Q4_0 and Q4_1; Q8_0's ran slower from
      * memory than one row at a time): call dot_q8 per row. */
     void  (*dot4_q8)(const void *const rows[4], const ps_q8_vec *x, int64_t n, float out[4]);
+    /* BF16 rows with bf16 activations (x from ps_f32_ops.to_bf16), as llama.cpp multiplies BF16
+     * weights: returns sum_i row[i] * x[i], each pair of products exact and added in f32 by
+     * vdpbf16ps. Only the AVX512_BF16 level has it (its BF16 row); NULL elsewhere. */
+    float (*dot_bf16)(const void *row, const uint16_t *x, int64_t n);
 } ps_type_traits;
 
 /* Picks the best instruction set this CPU supports (first call does the detection), or the
@@ -115,6 +121,9 @@ typedef struct {
      * idx in increasing order; returns their count. The sparse FFN's gate: ReLU with min the
      * smallest positive float (x > 0), FATReLU with min its threshold. */
     int64_t (*keep_at_least)(float *x, int64_t n, float min, int32_t *idx);
+    /* out[i] = x[i] rounded to bf16 (nearest even, NaN kept quiet): ps_f32_to_bf16's bits in
+     * every isa; the input of dot_bf16 and ps_gemm_nt_bf16 */
+    void (*to_bf16)(const float *x, uint16_t *out, int64_t n);
 } ps_f32_ops;
 
 /* the table of isa (-1: the best available); NULL if the isa is unavailable */
@@ -138,6 +147,15 @@ int ps_gemm_nt_typed(int a_type, const void *a, int64_t lda, int64_t m, const fl
                      int64_t k, float *c, int64_t ldc);
 int ps_gemm_nt_typed_isa(int isa, int a_type, const void *a, int64_t lda, int64_t m, const float *b, int64_t ldb,
                          int64_t nb, int64_t k, float *c, int64_t ldc);
+
+/* Prompt batches of BF16 weights with bf16 activations (AVX512_BF16 only): c[j*ldc + i] =
+ * dot_bf16(a_i, b_j, k), a's rows BF16 (lda elements apart), b's bf16 (ldb apart), tiles of 4
+ * rows x 4 tokens with vdpbf16ps. Returns -1, computing nothing, where the isa has no such kernel. */
+int ps_gemm_nt_bf16_supported(void);   /* 1 if the best available isa has it */
+int ps_gemm_nt_bf16(const void *a, int64_t lda, int64_t m, const uint16_t *b, int64_t ldb, int64_t nb, int64_t k,
+                    float *c, int64_t ldc);
+int ps_gemm_nt_bf16_isa(int isa, const void *a, int64_t lda, int64_t m, const uint16_t *b, int64_t ldb, int64_t nb,
+                        int64_t k, float *c, int64_t ldc);
 
 /* f16 / bf16 scalar conversions (exact, round-to-nearest-even for float -> half). */
 float    ps_f16_to_f32(uint16_t h);

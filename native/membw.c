@@ -111,13 +111,14 @@ static sum_fn sum_for(int isa) {
     case PS_ISA_AVX2:
     case PS_ISA_AVX2_VNNI:   return sum_avx2;
     case PS_ISA_AVX512:
-    case PS_ISA_AVX512_VNNI: return sum_avx512;
+    case PS_ISA_AVX512_VNNI:
+    case PS_ISA_AVX512_BF16: return sum_avx512;
 #endif
 #if defined(__aarch64__)
     case PS_ISA_NEON:
     case PS_ISA_NEON_DOTPROD: return sum_neon;
 #endif
-    default:            return NULL;
+    default:            return sum_scalar;   /* an available isa not named above */
     }
 }
 

@@ -77,12 +77,15 @@ struct ps_model {
 
     /* single-token inputs quantised to 8 bits (activations = Q8): one per vector a mat-vec reads */
     int32_t activations;         /* PS_ACTIVATIONS_*                               */
-    int32_t has_integer_weights; /* some matrix has an integer kernel (dot_q8)     */
+    int32_t q8_mode_applies;     /* some matrix has dot_q8, or dot_bf16 (BF16 rows) */
     ps_q8_vec xb_q8;             /* (n_embd) the normed input of a block           */
     ps_q8_vec att_q8;            /* (q_dim)  att_out                               */
     ps_q8_vec x_q8;              /* (n_embd) the residual, for the predictor       */
     ps_q8_vec hidden_q8;         /* (max rank) relu(fc1 x)                         */
     ps_q8_vec hb_q8;             /* (n_ff)   the down projection's input           */
+    /* activations = Q8 and BF16 weights where the CPU has AVX512-BF16 (dot_bf16): a mat-mul's
+     * input rounded to bf16, made by each mat-mul that has such a target */
+    uint16_t *in_bf16;           /* (MAX_BATCH, max row length)                    */
 
     /* sparse FFN */
     int32_t sparse_mode;         /* PS_SPARSE_*                                    */
@@ -144,6 +147,8 @@ typedef struct {
     int n_targets;
     const float *in;             /* (batch, ne0) */
     const ps_q8_vec *in_q8;      /* in quantised (batch 1, activations Q8), or NULL */
+    const uint16_t *in_bf16;     /* in rounded to bf16 (activations Q8, a BF16 target with
+                                  * dot_bf16), or NULL */
     int batch;
     int64_t total_rows;          /* sum of n_rows over targets */
     int64_t chunk;               /* rows per take */
@@ -198,13 +203,14 @@ static inline void prefetch_first_rows(const char *base, size_t row_bytes, const
 /* Rows j0..j1 of a target. One token: a dot per row, integer when the type has an integer
  * kernel and in_q8 is given. A batch: the chunk's rows are dequantised once into the thread's
  * tile, then multiplied with every token at once. */
-static void matmul_rows(const matmul_target *t, const float *in, const ps_q8_vec *in_q8, int batch,
-                        int64_t j0, int64_t j1, float *tile) {
+static void matmul_rows(const matmul_target *t, const float *in, const ps_q8_vec *in_q8, const uint16_t *in_bf16,
+                        int batch, int64_t j0, int64_t j1, float *tile) {
     const ps_tensor *w = t->w;
     const ps_type_traits *tt = ps_type_traits_for(w->type, -1);
     const int64_t n = w->ne0, rows = w->ne1;
     const size_t row_bytes = ps_row_bytes(w->type, n);
     const char *base = (const char *)w->data;
+    const uint16_t *xb16 = tt->dot_bf16 ? in_bf16 : NULL;   /* BF16 rows, bf16 activations */
     if (batch == 1) {
         const ps_q8_vec *xq = tt->dot_q8 ? in_q8 : NULL;
         const char *end = base + (size_t)rows * row_bytes;
@@ -235,8 +241,13 @@ static void matmul_rows(const matmul_target *t, const float *in, const ps_q8_vec
                 prefetch_row(base + (size_t)t->rows[j + PREFETCH_AHEAD] * row_bytes, row_bytes);
             else if (!t->rows && end - row >= PREFETCH_BYTES + (ptrdiff_t)row_bytes)
                 prefetch_stream(row + PREFETCH_BYTES, row_bytes);
-            t->out[r] = xq ? tt->dot_q8(row, xq, n) : tt->dot(row, in, n);
+            t->out[r] = xq ? tt->dot_q8(row, xq, n) : xb16 ? tt->dot_bf16(row, xb16, n) : tt->dot(row, in, n);
         }
+        return;
+    }
+    if (xb16) {
+        for (int64_t j = j1; j < j1 + (j1 - j0) && j < rows; j++) prefetch_row(base + (size_t)j * row_bytes, row_bytes);
+        ps_gemm_nt_bf16(base + (size_t)j0 * row_bytes, n, j1 - j0, xb16, n, batch, n, t->out + j0, rows);
         return;
     }
     /* F32 rows as they are and F16 / BF16 rows where the GEMM converts them itself; others
@@ -274,7 +285,8 @@ static void matmul_task(void *ctx, int ith, int nth) {
             int64_t rows = job->t[i].n_rows;
             if (start < offset + rows) {
                 int64_t stop = end < offset + rows ? end : offset + rows;
-                matmul_rows(&job->t[i], job->in, job->in_q8, job->batch, start - offset, stop - offset, tile);
+                matmul_rows(&job->t[i], job->in, job->in_q8, job->in_bf16, job->batch, start - offset, stop - offset,
+                            tile);
                 start = stop;
             }
             offset += rows;
@@ -297,9 +309,23 @@ static const ps_q8_vec *q8_input(const ps_model *m, const matmul_target *targets
     return in->q8;
 }
 
+/* in rounded to bf16 in m->in_bf16 when activations are Q8 and some target is BF16 with a bf16
+ * dot (the CPU has AVX512-BF16), else NULL. Made afresh by each mat-mul (a vector of n_embd is
+ * ~50 ns, a prompt's batch a few microseconds). The targets share one row length, in's. */
+static const uint16_t *bf16_input(const ps_model *m, const matmul_target *targets, int n_targets, const float *in,
+                                  int batch) {
+    if (m->activations != PS_ACTIVATIONS_Q8 || !m->in_bf16) return NULL;
+    int any = 0;
+    for (int i = 0; i < n_targets; i++) any |= ps_type_traits_for(targets[i].w->type, -1)->dot_bf16 != NULL;
+    if (!any) return NULL;
+    ps_f32_ops_for(-1)->to_bf16(in, m->in_bf16, (int64_t)batch * targets[0].w->ne0);
+    return m->in_bf16;
+}
+
 static void matmul(ps_model *m, const matmul_target *targets, int n_targets, mat_input *in, int batch) {
     matmul_job job = { .m = m, .n_targets = n_targets, .in = in->f32, .batch = batch,
-                       .in_q8 = q8_input(m, targets, n_targets, in, batch) };
+                       .in_q8 = q8_input(m, targets, n_targets, in, batch),
+                       .in_bf16 = bf16_input(m, targets, n_targets, in->f32, batch) };
     for (int i = 0; i < n_targets; i++) {
         job.t[i] = targets[i];
         job.total_rows += targets[i].n_rows;
@@ -931,15 +957,19 @@ static void free_q8(ps_q8_vec *v) {
     free(v->qs); free(v->d); free(v->s);
 }
 
-/* 1 if the type of some matrix a mat-vec reads has an integer kernel */
-static int any_integer_weights(const ps_model *m) {
-    int any = ps_type_traits_for(m->output.type, -1)->dot_q8 != NULL;
+/* whether a type has a kernel for activations in Q8 mode: an integer one (dot_q8), or a bf16 one
+ * (dot_bf16: BF16 rows where the CPU has AVX512-BF16) */
+static int has_dot_q8(int type) { return ps_type_traits_for(type, -1)->dot_q8 != NULL; }
+static int has_dot_bf16(int type) { return ps_type_traits_for(type, -1)->dot_bf16 != NULL; }
+
+/* 1 if some matrix a mat-mul reads is of a type for which has(type) */
+static int any_matrix(const ps_model *m, int (*has)(int type)) {
+    int any = has(m->output.type);
     for (int L = 0; L < m->c.n_layer; L++) {
         const ps_layer_weights *l = &m->layers[L];
         const ps_tensor *mats[] = { &l->wq, &l->wk, &l->wv, &l->wo, &l->ffn_gate, &l->ffn_up, &l->ffn_down,
                                     &l->fc1, &l->fc2 };
-        for (size_t i = 0; i < sizeof mats / sizeof mats[0]; i++)
-            any |= mats[i]->data && ps_type_traits_for(mats[i]->type, -1)->dot_q8 != NULL;
+        for (size_t i = 0; i < sizeof mats / sizeof mats[0]; i++) any |= mats[i]->data && has(mats[i]->type);
     }
     return any;
 }
@@ -1004,6 +1034,8 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
     m->x_q8 = alloc_q8(dim, &failed);
     m->hidden_q8 = alloc_q8(max_rank, &failed);
     m->hb_q8 = alloc_q8(ff, &failed);
+    if (m->layers && any_matrix(m, has_dot_bf16))
+        m->in_bf16 = alloc_lines(MAX_BATCH * max_row * (int64_t)sizeof(uint16_t), &failed);
     m->neurons = calloc((size_t)ff, sizeof(int32_t));
     m->exact_active = calloc((size_t)ff, sizeof(int32_t));
     m->stats = calloc((size_t)c->n_layer, sizeof(ps_layer_stats));
@@ -1016,7 +1048,7 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
     }
     for (int i = 0; i < c->n_rot / 2; i++) m->rope_inv_freq[i] = powf(c->rope_base, -2.0f * (float)i / (float)c->n_rot);
     m->activations = PS_ACTIVATIONS_Q8;
-    m->has_integer_weights = any_integer_weights(m);
+    m->q8_mode_applies = any_matrix(m, has_dot_q8) || m->in_bf16 != NULL;
     m->pool = ps_threadpool_create(n_threads);
     if (!m->pool) {
         set_error(err, err_len, "could not start %d threads", n_threads);
@@ -1034,7 +1066,7 @@ void ps_model_free(ps_model *m) {
     free(m->x); free(m->xb); free(m->xb2);
     free(m->q); free(m->k); free(m->v); free(m->att_out);
     free(m->hb); free(m->hb2);
-    free(m->scores); free(m->row_buf); free(m->down_tile);
+    free(m->scores); free(m->row_buf); free(m->down_tile); free(m->in_bf16);
     free(m->rope_inv_freq); free(m->rope_cos_sin);
     free(m->pred_threshold); free(m->pred_hidden); free(m->pred_logits);
     free_q8(&m->xb_q8); free_q8(&m->att_q8); free_q8(&m->x_q8); free_q8(&m->hidden_q8); free_q8(&m->hb_q8);
@@ -1092,7 +1124,7 @@ int32_t ps_model_set_kv_type(ps_model *m, int32_t type, char *err, int32_t err_l
 }
 
 int32_t ps_model_kv_type(const ps_model *m) { return m->kv_type; }
-int32_t ps_model_has_integer_weights(const ps_model *m) { return m->has_integer_weights; }
+int32_t ps_model_q8_mode_applies(const ps_model *m) { return m->q8_mode_applies; }
 int32_t ps_model_has_predictor(const ps_model *m) { return m->has_predictor; }
 
 void ps_model_set_predictor_threshold(ps_model *m, int32_t layer, float threshold) {

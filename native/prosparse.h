@@ -16,10 +16,12 @@ enum { PS_ACT_SILU = 0, PS_ACT_RELU = 1, PS_ACT_FATRELU = 2 };
  * neurons the activation leaves non-zero. PREDICTOR: the layer's predictor picks the neurons
  * first; gate, up and down run for those alone. */
 enum { PS_SPARSE_DENSE = 0, PS_SPARSE_EXACT = 1, PS_SPARSE_PREDICTOR = 2 };
-/* How a single token's mat-vecs read their input vector (prompt batches always read float32):
- * F32 as it is; Q8 quantised to 8 bits per block of 32 (ps_quantize_q8, once per vector) for
- * every weight whose type has an integer kernel (Q8_0, Q4_0, Q4_1), which then runs integer dot
- * products, as llama.cpp does; float weights read float32 either way. */
+/* How mat-muls read their input: F32 as it is; Q8 quantised, as llama.cpp does. In Q8 mode a
+ * single token's input is quantised to 8 bits per block of 32 (ps_quantize_q8, once per vector)
+ * for every weight whose type has an integer kernel (Q8_0, Q4_0, Q4_1), which then runs integer
+ * dot products; BF16 weights, where the CPU has AVX512-BF16, read the input rounded to bf16
+ * (a single token's and a prompt's: vdpbf16ps); other float weights, and the integer types'
+ * prompt batches, read float32 either way. */
 enum { PS_ACTIVATIONS_F32 = 0, PS_ACTIVATIONS_Q8 = 1 };
 /* What the predictor reads: the residual stream before ffn_norm (PowerInfer's choice for
  * LLaMA) or the normalised FFN input. */
@@ -116,8 +118,9 @@ int32_t ps_model_activations(const ps_model *m);
  * or -1 with a message (another type; out of memory, the old cache kept). */
 int32_t ps_model_set_kv_type(ps_model *m, int32_t type, char *err, int32_t err_len);
 int32_t ps_model_kv_type(const ps_model *m);
-/* 1 if some matrix the model multiplies by has an integer kernel (Q8 mode changes something) */
-int32_t ps_model_has_integer_weights(const ps_model *m);
+/* 1 if Q8 mode changes something: some matrix the model multiplies by has an integer kernel
+ * (Q8_0, Q4_0, Q4_1), or is BF16 and the CPU has AVX512-BF16 (activations rounded to bf16) */
+int32_t ps_model_q8_mode_applies(const ps_model *m);
 
 /* Statistics: while on, every evaluated token counts into per-layer ps_layer_stats; in
  * predictor mode the exact gate is computed as well, to measure recall (slower). */

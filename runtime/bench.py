@@ -456,8 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predictor decision threshold for every layer in predictor mode (default: the file's)")
     p.add_argument("--activations", type=_choice_list("activations mode", ACTIVATION_MODES), default=["auto"],
                    metavar="MODE[,MODE...]",
-                   help="how decoding reads its input: f32, q8 (8-bit, for Q8_0/Q4_0/Q4_1 weights) or auto "
-                        "(q8 when the file has such weights; the default)")
+                   help="how decoding reads its input: f32, q8 (8-bit for Q8_0/Q4_0/Q4_1 weights; bf16 for BF16 "
+                        "weights, prompts too, where the CPU has AVX512-BF16) or auto (q8 when the file has such "
+                        "weights; the default)")
     p.add_argument("-d", "--n-depth", type=_int_list, default=[0], metavar="N[,N...]",
                    help="tokens evaluated (untimed) before each test, as llama-bench's depth (default: 0)")
     p.add_argument("--kv-type", type=_choice_list("KV cache type", tuple(KV_TYPES)), default=["f32"],

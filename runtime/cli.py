@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor-threshold", type=float, default=None, metavar="T",
                    help="predictor decision threshold for every layer (default: the file's)")
     p.add_argument("--activations", choices=["auto", "f32", "q8"], default="auto",
-                   help="how decoding reads its input: f32, or q8 (8-bit, for Q8_0/Q4_0/Q4_1 weights: "
-                        "integer dot products, faster) (default: auto, q8 when the file has such weights)")
+                   help="how decoding reads its input: f32, or q8 (8-bit for Q8_0/Q4_0/Q4_1 weights: integer "
+                        "dot products, faster; bf16 for BF16 weights, prompts too, where the CPU has AVX512-BF16) "
+                        "(default: auto, q8 when the file has such weights)")
     p.add_argument("--kv-type", choices=["f32", "f16"], default="f32",
                    help="what the KV cache stores keys and values in: f16 halves its memory and what each "
                         "token reads from it (faster at long contexts) (default: f32)")

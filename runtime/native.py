@@ -163,9 +163,10 @@ class NativeModel:
         self._set_named(lib.ps_model_set_kv_type, KV_TYPES, "KV cache type", name)
 
     @property
-    def has_integer_weights(self) -> bool:
-        """Some matrix has an integer kernel: the "q8" mode changes something."""
-        return bool(lib.ps_model_has_integer_weights(self._ptr))
+    def q8_mode_applies(self) -> bool:
+        """The "q8" mode changes something: some matrix has an integer kernel (8-bit
+        activations), or is BF16 on a CPU with AVX512-BF16 (bf16 activations)."""
+        return bool(lib.ps_model_q8_mode_applies(self._ptr))
 
     # --- sparsity ------------------------------------------------------------------------
     @property

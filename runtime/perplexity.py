@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--predictor-threshold", type=float, default=None, metavar="T")
     p.add_argument("--activations", choices=["auto", "f32", "q8"], default="auto",
                    help="how token-by-token evaluation reads its input (default: auto, q8 for Q8_0/Q4_0/Q4_1 "
-                        "weights); an explicit q8 evaluates token by token, as batches read f32")
+                        "weights, and for BF16 ones where the CPU has AVX512-BF16: bf16, batches too); an "
+                        "explicit q8 evaluates token by token, as the integer types' batches read f32")
     p.add_argument("--kv-type", choices=["f32", "f16"], default="f32",
                    help="what the KV cache stores keys and values in (default: f32)")
     args = p.parse_args(argv)

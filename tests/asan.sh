@@ -11,4 +11,5 @@ PROSPARSE_SANITIZE=address python native/build_native.py "$build" >/dev/null
 PROSPARSE_NATIVE_DIR="$build/prosparse" \
 LD_PRELOAD="$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
     python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_forward.py tests/test_sparse.py \
-    tests/test_gguf_errors.py tests/test_perplexity.py tests/test_bench.py tests/test_reorder.py tests/test_kv_cache.py "$@"
+    tests/test_gguf_errors.py tests/test_perplexity.py tests/test_bench.py tests/test_reorder.py tests/test_kv_cache.py \
+    tests/test_kernels_bf16.py "$@"

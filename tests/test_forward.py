@@ -4,6 +4,10 @@ way. Tests relying on float32-tight tolerances ask for activations="f32"."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -153,9 +157,20 @@ def q8_reference_logits(model, path, tokens: list[int], down_quantised: bool = T
     """Logits of the HF model (weights as stored) whose every nn.Linear with an integer-typed
     tensor in the GGUF reads its input through q8_roundtrip, as decoding with activations="q8"
     does. down_quantised=False: the down projection runs as f32 axpys (ffn_down_t, sparse modes)."""
+    return rounded_input_logits(model, path, tokens, INTEGER_TYPES, q8_roundtrip, down_quantised)
+
+
+def bf16_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to bf16 (nearest, ties to even) and back."""
+    return x.to(torch.bfloat16).to(torch.float32)
+
+
+def rounded_input_logits(model, path, tokens: list[int], types, roundtrip, down_quantised: bool = True) -> np.ndarray:
+    """Logits of the HF model whose every nn.Linear with a tensor of one of `types` in the GGUF
+    reads its input through roundtrip."""
     from prosparse.gguf_file import GGUFFile
     with GGUFFile(path) as gf:
-        integer = {name for name, t in gf.tensors.items() if t.type.name.lower() in INTEGER_TYPES}
+        rounded = {name for name, t in gf.tensors.items() if t.type.name.lower() in types}
     head = "token_embd.weight" if model.config.tie_word_embeddings else "output.weight"
     hooks = []
     for name, module in model.named_modules():
@@ -168,9 +183,9 @@ def q8_reference_logits(model, path, tokens: list[int], down_quantised: bool = T
             if kind == "down_proj" and not down_quantised:
                 continue
             tensor = K.block_tensor(layer, HF_TO_GGUF[kind])
-        if tensor in integer:
-            hooks.append(module.register_forward_pre_hook(lambda m, args: (q8_roundtrip(args[0]),)))
-    assert hooks, "no integer-typed matrix: nothing to quantise"
+        if tensor in rounded:
+            hooks.append(module.register_forward_pre_hook(lambda m, args: (roundtrip(args[0]),)))
+    assert hooks, f"no matrix of {types}: nothing to round"
     try:
         return hf_logits(model, tokens)
     finally:
@@ -242,6 +257,62 @@ def test_q8_stays_close_to_f32_and_batches_read_f32(tmp_path):
     assert 0 < rel_err(q8, f32) <= 5e-2                         # measured: 1.7e-2 .. 3.0e-2 on these models
     np.testing.assert_array_equal(batch_q8, batch_f32)          # prompt batches always read float32
     assert rel_err(batch_f32, f32) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------
+# bf16 activations: BF16 weights where the CPU has AVX512-BF16
+
+def bf16_dot_here() -> bool:
+    from prosparse.native import ffi, lib
+    return ffi.string(lib.ps_kernels_isa_name(lib.ps_kernels_best_isa())).decode() == "avx512_bf16"
+
+
+@pytest.mark.parametrize("sparse", ["dense", "exact"])
+def test_bf16_weights_read_bf16_activations_as_transformers_rounding_the_same_inputs(tmp_path, sparse):
+    """On a CPU with AVX512-BF16, "auto" is "q8" for a BF16 file: every mat-mul over BF16 rows,
+    a prompt's (the bf16 GEMM) and a single token's (dot_bf16, gathered rows included), reads its
+    input rounded to bf16, as llama.cpp multiplies BF16 weights. The reference is the float model
+    with those inputs rounded the same way (exact mode: the down vectors add f32 h, as in q8
+    mode). As in the 8-bit test above, an input within an ulp of a rounding boundary can round
+    the other way in one forward pass, and through the KV cache change the positions after it
+    (seen: from position 9 of one model of three, ~3e-3): most positions agree to float rounding,
+    all within 2e-2, and the f32 path agrees nowhere. Elsewhere "auto" is "f32", which runs."""
+    from prosparse.convert.gguf_writer import LAYOUT_DENSE, LAYOUT_SPARSE, write_llama_gguf
+    agree = total = 0
+    for seed in (9, 10, 11):
+        model = tiny_llama(K.ACT_RELU, seed=seed)
+        path = write_llama_gguf(tmp_path / f"m{seed}.gguf", model.config.to_dict(), model.state_dict(),
+                                outtype="bf16", activation=K.ACT_RELU,
+                                layout=LAYOUT_SPARSE if sparse == "exact" else LAYOUT_DENSE)
+        reference = dequantised_reference(model, "bf16")
+        with Runtime(path, n_ctx=64, threads=2, sparse=sparse) as rt:
+            assert rt.activations == ("q8" if bf16_dot_here() else "f32")
+            seq, prompt = rt.evaluate(PROMPT, sequential=True), rt.evaluate(PROMPT)
+            rt.activations = "f32"
+            seq_f32 = rt.evaluate(PROMPT, sequential=True)
+        assert rel_err(seq_f32, hf_logits(reference, PROMPT)) <= 1e-4
+        if not bf16_dot_here():
+            np.testing.assert_array_equal(seq, seq_f32)
+            continue
+        ref = rounded_input_logits(reference, path, PROMPT, ("bf16",), bf16_roundtrip, sparse == "dense")
+        assert agreeing_positions(seq_f32, ref) == 0
+        for ours in (seq, prompt):
+            assert rel_err(ours, ref) <= 2e-2
+            agree += agreeing_positions(ours, ref)
+            total += len(PROMPT)
+    # measured: 98 of 120 (bf16's 8-bit mantissa has a boundary near far more inputs than 8-bit blocks do)
+    assert agree >= 0.75 * total, f"{agree} of {total} positions agree within 1e-5"
+
+
+def test_prosparse_isa_below_avx512_bf16_keeps_f32_activations_for_bf16(tmp_path):
+    model = tiny_llama(K.ACT_SILU, seed=10)
+    path = to_gguf(model, tmp_path / "m.gguf", "bf16")
+    code = (f"from prosparse import Runtime\nwith Runtime({str(path)!r}, n_ctx=16, threads=1) as rt:\n"
+            f"    print(rt.activations, rt._model.q8_mode_applies)")
+    env = dict(os.environ, PROSPARSE_ISA="scalar")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["f32", "False"]
 
 
 def test_activations_option(tmp_path):

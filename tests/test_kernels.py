@@ -39,13 +39,15 @@ TYPES = {
 }
 QUANTISED = ("q8_0", "q4_0", "q4_1")
 ISAS = {"scalar": lib.PS_ISA_SCALAR, "avx2": lib.PS_ISA_AVX2, "avx2_vnni": lib.PS_ISA_AVX2_VNNI,
-        "avx512": lib.PS_ISA_AVX512, "avx512_vnni": lib.PS_ISA_AVX512_VNNI, "neon": lib.PS_ISA_NEON,
-        "neon_dotprod": lib.PS_ISA_NEON_DOTPROD}
+        "avx512": lib.PS_ISA_AVX512, "avx512_vnni": lib.PS_ISA_AVX512_VNNI,
+        "avx512_bf16": lib.PS_ISA_AVX512_BF16, "neon": lib.PS_ISA_NEON, "neon_dotprod": lib.PS_ISA_NEON_DOTPROD}
+X86_AVX512 = ("avx512", "avx512_vnni", "avx512_bf16")
 # the CPU features each ISA's kernels need, as /proc/cpuinfo spells them
 _AVX2 = {"avx2", "fma", "f16c"}
 _AVX512 = _AVX2 | {"avx512f", "avx512bw", "avx512vl"}
 CPU_FLAGS = {"avx2": _AVX2, "avx2_vnni": _AVX2 | {"avx_vnni"},
              "avx512": _AVX512, "avx512_vnni": _AVX512 | {"avx512_vnni"},
+             "avx512_bf16": _AVX512 | {"avx512_vnni", "avx512_bf16"},
              "neon": {"asimd"}, "neon_dotprod": {"asimd", "asimddp"}}
 
 SIZES_PLAIN = [1, 3, 17, 31, 33, 63, 64, 65, 100, 1001, 1536]
@@ -556,7 +558,7 @@ def test_dot4_q8_gives_dot_q8s_bits(isa_name, name, heap):
     isa = require_isa(isa_name)
     t = traits(name, isa)
     if t.dot4_q8 == ffi.NULL:
-        assert isa_name not in ("avx2", "avx2_vnni", "avx512", "avx512_vnni") or name == "q8_0"
+        assert isa_name not in ("avx2", "avx2_vnni", *X86_AVX512) or name == "q8_0"
         return
     rng = np.random.default_rng(19)
     for nb in Q8_BLOCK_COUNTS + [4, 8, 12, 16, 36, 48]:
@@ -794,7 +796,7 @@ def test_typed_gemm_is_the_f32_gemm_of_the_converted_rows(isa_name, name, m, nb,
     got = heap.put(np.full(nb * ldc, np.nan, dtype=np.float32), "float *")
     want = heap.put(np.full(nb * ldc, np.nan, dtype=np.float32), "float *")
     rc = lib.ps_gemm_nt_typed_isa(isa, type_id, a, lda, m, b, ldb, nb, k, got, ldc)
-    if isa_name not in ("avx512", "avx512_vnni"):
+    if isa_name not in X86_AVX512:
         assert rc == -1
         assert np.all(np.isnan(read(got, np.float32, nb * ldc)))
         return
@@ -812,7 +814,7 @@ def test_typed_gemm_refuses_quantised_rows_and_says_what_it_takes(heap):
     assert np.isnan(read(c, np.float32, 1)[0])
     assert lib.ps_gemm_nt_typed_supported(lib.PS_TYPE_Q8_0) == 0
     assert lib.ps_gemm_nt_typed_supported(lib.PS_TYPE_F32) == 1
-    avx512 = lib.ps_kernels_best_isa() in (lib.PS_ISA_AVX512, lib.PS_ISA_AVX512_VNNI)
+    avx512 = ffi.string(lib.ps_kernels_isa_name(lib.ps_kernels_best_isa())).decode() in X86_AVX512
     for half in (lib.PS_TYPE_F16, lib.PS_TYPE_BF16):
         assert lib.ps_gemm_nt_typed_supported(half) == int(avx512)
 
