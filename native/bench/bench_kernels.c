@@ -14,7 +14,9 @@
 #include <stdlib.h>
 #include <time.h>
 
-enum { DOT, AXPY, AXPY4, DOT_Q8, DOT4_Q8 };
+enum { DOT, AXPY, AXPY4, DOT_Q8, DOT4_Q8, DOT_BF16 };
+
+static uint16_t *x_bf16;   /* (cols) x rounded to bf16, for DOT_BF16 */
 
 static double now_s(void) {
     struct timespec ts;
@@ -31,6 +33,7 @@ static double time_pass(const ps_type_traits *t, int isa, int kernel, const char
         const double t0 = now_s();
         do {
             if (kernel == DOT_Q8) ps_quantize_q8_isa(isa, x, xq, cols);
+            if (kernel == DOT_BF16) ps_f32_ops_for(isa)->to_bf16(x, x_bf16, cols);
             if (kernel == DOT4_Q8) {   /* rows in fours, as the mat-vec calls it */
                 for (int r = 0; r + 4 <= rows; r += 4) {
                     const void *rs[4] = { w + r * row_bytes, w + (r + 1) * row_bytes, w + (r + 2) * row_bytes,
@@ -58,6 +61,7 @@ static double time_pass(const ps_type_traits *t, int isa, int kernel, const char
                 switch (kernel) {
                 case DOT:  y[r % cols] += t->dot(row, x, cols); break;
                 case AXPY: t->axpy(x[r % cols] * 1e-3f, row, y, cols); break;
+                case DOT_BF16: y[r % cols] += t->dot_bf16(row, x_bf16, cols); break;
                 default:   y[r % cols] += t->dot_q8(row, xq, cols); break;
                 }
             }
@@ -77,11 +81,13 @@ int main(int argc, char **argv) {
     }
     const int types[] = { PS_TYPE_F32, PS_TYPE_F16, PS_TYPE_BF16, PS_TYPE_Q8_0, PS_TYPE_Q4_0, PS_TYPE_Q4_1 };
     float *src = malloc(sizeof(float) * rows * cols), *x = malloc(sizeof(float) * cols), *y = calloc(cols, sizeof(float));
+    x_bf16 = malloc(sizeof(uint16_t) * cols);
     const ps_q8_vec xq = { malloc(cols), malloc(sizeof(float) * (cols / 32)), malloc(sizeof(float) * (cols / 32)) };
     for (long i = 0; i < (long)rows * cols; i++) src[i] = (float)((i * 7919) % 2001 - 1000) * 1e-3f;
     for (int i = 0; i < cols; i++) x[i] = (float)(i % 13) - 6.0f;
 
-    printf("%d x %d, GB/s of weights: dot / axpy / axpy4 / dot_q8 (integer types) / dot4_q8 (where an ISA has it)\n%-6s",
+    printf("%d x %d, GB/s of weights: dot / axpy / axpy4 / dot_q8 (integer types; BF16: dot_bf16 where an ISA has "
+           "it) / dot4_q8 (where an ISA has it)\n%-6s",
            rows, cols, "");
     for (int isa = 0; isa < PS_ISA_COUNT; isa++)
         if (ps_kernels_isa_available(isa)) printf(" %33s", ps_kernels_isa_name(isa));
@@ -99,8 +105,9 @@ int main(int argc, char **argv) {
             printf("   %6.1f / %6.1f / %6.1f", gb / time_pass(t, isa, DOT, w, row_bytes, rows, cols, x, &xq, y),
                    gb / time_pass(t, isa, AXPY, w, row_bytes, rows, cols, x, &xq, y),
                    gb / time_pass(t, isa, AXPY4, w, row_bytes, rows, cols, x, &xq, y));
-            if (t->dot_q8) printf(" / %6.1f", gb / time_pass(t, isa, DOT_Q8, w, row_bytes, rows, cols, x, &xq, y));
-            else           printf("   %6s", "-");
+            if (t->dot_q8)        printf(" / %6.1f", gb / time_pass(t, isa, DOT_Q8, w, row_bytes, rows, cols, x, &xq, y));
+            else if (t->dot_bf16) printf(" / %6.1f", gb / time_pass(t, isa, DOT_BF16, w, row_bytes, rows, cols, x, &xq, y));
+            else                  printf("   %6s", "-");
             if (t->dot4_q8) printf(" / %6.1f", gb / time_pass(t, isa, DOT4_Q8, w, row_bytes, rows, cols, x, &xq, y));
             else            printf("   %6s", "-");
         }
