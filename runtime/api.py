@@ -132,12 +132,12 @@ class Runtime:
     "exact" (skip neurons the ReLU/FATReLU zeroes) or "predictor" (skip those the file's
     predictors rule out); None picks the best the file supports. sparse_stats: count
     per-layer sparsity and predictor recall (see ``sparsity()``; costs the exact gate in
-    predictor mode). activations: how decoding's mat-vecs read their input, "f32" or "q8"
-    (quantised to 8 bits per block of 32 for the Q8_0/Q4_0/Q4_1 weights, which then run
+    predictor mode). activations: how mat-muls read their input, "f32" or "q8" (decoding's
+    quantised to 8 bits per block of 32 for the Q8_0/Q4_0/Q4_1 weights, which then run
     integer dot products, as llama.cpp does; faster, with logits within about 1% of f32; BF16
     weights, where the CPU has AVX512-BF16, read it rounded to bf16, in prompts too, as
-    llama.cpp does); "auto" is q8 when the file has such weights. kv_type: what the KV cache stores keys and
-    values in, "f32" or "f16" (half the memory, and half the bytes each token reads from the
+    llama.cpp does); "auto" is q8 when the file has such weights. kv_type: what the KV cache
+    stores keys and values in, "f32" or "f16" (half the memory, and half the bytes each token reads from the
     cache, which at long contexts rival the weights'; rounded to f16 as llama.cpp stores them).
     """
 

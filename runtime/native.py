@@ -13,8 +13,9 @@ from .loader import LAYER_SLOTS, SPARSE_MODES, ModelSpec, transpose_down
 
 ERR_LEN = 512
 
-# How single-token mat-vecs read their input (prosparse.h, PS_ACTIVATIONS_*): float32, or
-# quantised to 8 bits for the weights whose type has an integer kernel (Q8_0, Q4_0, Q4_1).
+# How mat-muls read their input (prosparse.h, PS_ACTIVATIONS_*): float32, or quantised: a single
+# token's to 8 bits for the weights whose type has an integer kernel (Q8_0, Q4_0, Q4_1); any
+# input to bf16 for BF16 weights where the CPU has AVX512-BF16.
 ACTIVATIONS = {"f32": lib.PS_ACTIVATIONS_F32, "q8": lib.PS_ACTIVATIONS_Q8}
 KV_TYPES = {"f32": lib.PS_TYPE_F32, "f16": lib.PS_TYPE_F16}
 

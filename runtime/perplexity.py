@@ -20,6 +20,9 @@ import numpy as np
 
 from .api import USER_ERRORS, Runtime
 
+# the types whose batches read f32 in q8 mode (their int8 kernels are single-token only)
+INTEGER_TYPE_NAMES = ("Q8_0", "Q4_0", "Q4_1")
+
 
 @dataclass
 class PerplexityResult:
@@ -34,6 +37,19 @@ def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
     x -= x.max(axis=1, keepdims=True)
     return x[np.arange(len(targets)), targets] - np.log(np.exp(x).sum(axis=1))
+
+
+def evaluation_mode(rt: Runtime, requested: str) -> tuple[bool, str]:
+    """Whether to evaluate token by token, and what the activations are, for the log. Sparse
+    modes run on the decode path; so does an explicit "q8" on a file with integer weights,
+    whose batches read f32 (BF16 weights read bf16 in batches too, where the CPU has
+    AVX512-BF16)."""
+    integer = any(t.type.name in INTEGER_TYPE_NAMES for t in rt._gguf.tensors.values())
+    if rt.sparse != "dense" or (requested == "q8" and integer):
+        return True, rt.activations
+    if rt.activations == "f32":
+        return False, "f32 (batches)"
+    return False, "q8 (batches: bf16 for BF16 weights, f32 for others)"
 
 
 def perplexity(rt: Runtime, tokens: list[int], n_ctx: int, max_chunks: int | None = None,
@@ -84,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--activations", choices=["auto", "f32", "q8"], default="auto",
                    help="how token-by-token evaluation reads its input (default: auto, q8 for Q8_0/Q4_0/Q4_1 "
                         "weights, and for BF16 ones where the CPU has AVX512-BF16: bf16, batches too); an "
-                        "explicit q8 evaluates token by token, as the integer types' batches read f32")
+                        "explicit q8 on a file with Q8_0/Q4_0/Q4_1 weights evaluates token by token, as their "
+                        "batches read f32")
     p.add_argument("--kv-type", choices=["f32", "f16"], default="f32",
                    help="what the KV cache stores keys and values in (default: f32)")
     args = p.parse_args(argv)
@@ -97,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                 rt.set_predictor_threshold(args.predictor_threshold)
             tokens = rt.tokenize(text, add_bos=False)
             start = time.perf_counter()
-            sequential = rt.sparse != "dense" or args.activations == "q8"
+            sequential, how = evaluation_mode(rt, args.activations)
             print(f"prosparse-perplexity: {len(tokens)} tokens, chunks of {args.ctx_size}, FFN mode {rt.sparse}, "
-                  f"activations {rt.activations if sequential else 'f32 (batches)'}", file=sys.stderr)
+                  f"activations {how}", file=sys.stderr)
             result = perplexity(rt, tokens, args.ctx_size, args.chunks, sequential=sequential,
                                 on_chunk=lambda c, ppl: print(f"[{c + 1}]{ppl:.4f},", end=" ", flush=True))
             print()

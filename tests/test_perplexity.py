@@ -62,3 +62,20 @@ def test_cli_prints_llama_cpp_final_estimate(tmp_path, smollm2_path):
     assert m, r.stdout
     assert 1.0 < float(m.group(1)) < 20.0      # repetitive English: a small perplexity
     assert re.search(r"\[1\]\d+\.\d{4}, \[2\]\d+\.\d{4},", r.stdout)
+
+
+def test_an_explicit_q8_goes_token_by_token_only_where_batches_read_f32(tmp_path):
+    """Integer weights' batches read f32, so --activations q8 evaluates them token by token;
+    BF16 weights' batches read what their tokens read (bf16 where the CPU has AVX512-BF16)."""
+    from prosparse.perplexity import evaluation_mode
+    model = tiny_llama(seed=22)
+    for outtype, sequential in (("q8_0", True), ("bf16", False), ("f32", False)):
+        with Runtime(to_gguf(model, tmp_path / f"{outtype}.gguf", outtype), n_ctx=32, threads=1,
+                     activations="q8") as rt:
+            assert evaluation_mode(rt, "q8") == (sequential, "q8" if sequential else
+                                                 "q8 (batches: bf16 for BF16 weights, f32 for others)")
+            assert evaluation_mode(rt, "auto")[0] is False
+            rt.activations = "f32"
+            assert evaluation_mode(rt, "f32") == (False, "f32 (batches)")
+            rt.sparse = "exact"
+            assert evaluation_mode(rt, "f32") == (True, "f32")
