@@ -124,6 +124,11 @@ typedef struct {
     /* out[i] = x[i] rounded to bf16 (nearest even, NaN kept quiet): ps_f32_to_bf16's bits in
      * every isa; the input of dot_bf16 and ps_gemm_nt_bf16 */
     void (*to_bf16)(const float *x, uint16_t *out, int64_t n);
+    /* out[t] = sum_i q[i] * k[t*ld + i] over i < hd, for t < n: attention's scores against the
+     * keys of one KV head, of type k_type (PS_TYPE_F32 or PS_TYPE_F16, the KV cache's). A
+     * position's score takes the same steps whatever n (AVX-512: 16 positions at a time, each
+     * in its own accumulator, their sums reduced together; elsewhere the type's dot per row). */
+    void (*scores)(const float *q, const void *k, int64_t ld, int64_t n, int64_t hd, int k_type, float *out);
 } ps_f32_ops;
 
 /* the table of isa (-1: the best available); NULL if the isa is unavailable */

@@ -404,8 +404,9 @@ static void attention_task(void *ctx, int ith, int nth) {
     const float scale = 1.0f / sqrtf((float)hd);
     /* the kernels, looked up once: ps_dot_f32 / ps_axpy_f32 check the dispatch on every call,
      * and on head_dim-long vectors that took 2.4% of a 1-thread F16 prompt's samples against
-     * 3.5% for the products themselves (perf). The cache type's dot scores the keys (F32: the
-     * f32 dot, operands swapped, the same bits); F16 values are added by its axpy4, four
+     * 3.5% for the products themselves (perf). The keys are scored by ops->scores (AVX-512: 16
+     * positions at a time, the sums reduced together; one dot per position spent as long on
+     * its reduction as on its products); F16 values are added by the cache type's axpy4, four
      * positions at a time, F32 values by the f32 weighted sum. */
     const ps_f32_ops *ops = ps_f32_ops_for(-1);
     const ps_type_traits *kv = ps_type_traits_for(m->kv_type, -1);
@@ -418,10 +419,10 @@ static void attention_task(void *ctx, int ith, int nth) {
         const int b = u / c->n_head, h = u % c->n_head, kvh = h / group;
         const int n = job->pos0 + b + 1;   /* positions this token attends to */
         const float *q = m->q + (int64_t)b * q_dim(c) + h * hd;
+        ops->scores(q, kc + (size_t)kvh * hd * es, kvd, n, hd, m->kv_type, scores);
         float max_score = -INFINITY;
         for (int t = 0; t < n; t++) {
-            const char *k = kc + ((size_t)t * kvd + (size_t)kvh * hd) * es;
-            scores[t] = kv->dot(k, q, hd) * scale;
+            scores[t] *= scale;
             if (scores[t] > max_score) max_score = scores[t];
         }
         for (int t = 0; t < n; t++) scores[t] -= max_score;

@@ -5,7 +5,7 @@
  *   to_float equal (as numbers); dot within 1e-5 of sum |w x|; axpy within a few roundings;
  *   axpy4 the same bits as four of the table's axpys (rows of one row's blocks, rotated);
  *   quantize_q8 byte for byte; dot_q8 within 1e-5 of the block-wise magnitude; exp bit for bit;
- *   weighted_sum within 1e-5 of sum |w r|.
+ *   weighted_sum within 1e-5 of sum |w r|; scores within 1e-5 of sum |q k|; to_bf16 bit for bit.
  * Prints one line per ISA ("<isa> ok <checks>" or the first failure) and "available: ..."; the
  * exit status is the number of failing ISAs. */
 #include "kernels.h"
@@ -149,6 +149,36 @@ static int check_isa(int isa) {
         }
         checks += 1;
     }
+    /* scores within 1e-5 of sum |q k| per position, F32 and F16 keys (the F16 rows in `row`,
+     * their floats in tmp), n = 1..11 positions ld apart; to_bf16 the same bits as the scalar */
+    const int64_t n_keys = 11, ldk = 131, hd = 81;   /* n_keys * ldk <= max_n */
+    random_floats(x, hd);
+    random_floats(tmp, n_keys * ldk);
+    const ps_type_traits *f16 = ps_type_traits_for(PS_TYPE_F16, PS_ISA_SCALAR);
+    f16->from_float(tmp, row, n_keys * ldk);
+    f16->to_float(row, w2, n_keys * ldk);
+    for (int kt = 0; kt < 2 && !failed; kt++) {
+        const int k_type = kt ? PS_TYPE_F16 : PS_TYPE_F32;
+        const float *keys = kt ? w2 : tmp;
+        for (int64_t n = 1; n <= n_keys && !failed; n += 5) {
+            ops->scores(x, kt ? row : (const void *)tmp, ldk, n, hd, k_type, y);
+            for (int64_t t = 0; t < n && !failed; t++) {
+                double want = 0.0, mag = 0.0;
+                for (int64_t i = 0; i < hd; i++) {
+                    want += (double)x[i] * keys[t * ldk + i];
+                    mag += fabs((double)x[i] * keys[t * ldk + i]);
+                }
+                if (fabs(y[t] - want) > 1e-5 * mag + 1e-30) failed = fail(name, "scores", k_type, n, y[t], want);
+            }
+            checks += 1;
+        }
+    }
+    uint16_t *b16 = (uint16_t *)w, *b16_ref = (uint16_t *)w + max_n;   /* w holds 2 max_n halves */
+    ops->to_bf16(tmp, b16, max_n / 2);
+    ops_ref->to_bf16(tmp, b16_ref, max_n / 2);
+    if (!failed && memcmp(b16, b16_ref, sizeof(uint16_t) * (max_n / 2)) != 0)
+        failed = fail(name, "to_bf16", 0, max_n / 2, 0, 0);
+    checks += 1;
     if (!failed) printf("%s ok %ld\n", name, checks);
     free(x); free(w); free(w2); free(y); free(y_ref); free(tmp); free(row);
     free(qs); free(qs_ref); free(d); free(s); free(d_ref); free(s_ref);

@@ -892,6 +892,54 @@ def test_weighted_sum_matches_numpy(isa_name, n, k, heap):
     assert np.isnan(got[k])                                     # nothing written past k
 
 
+def scores(ops, q: np.ndarray, keys: np.ndarray, ld: int, n: int, hd: int, k_type: int, heap) -> np.ndarray:
+    out = heap.put(np.full(n + 1, np.nan, dtype=np.float32), "float *")
+    ops.scores(heap.put(q, "float *"), heap.put(keys, "void *"), ld, n, hd, k_type, out)
+    return read(out, np.float32, n + 1)
+
+
+def key_rows(rng, n: int, ld: int, hd: int, k_type: str) -> tuple[np.ndarray, np.ndarray]:
+    """n keys ld elements apart, the last ending at element hd (so reading past it is an
+    overrun), as stored (F32 or F16) and as float64."""
+    x = random_floats(rng, max((n - 1) * ld + hd, 0))
+    stored = x.astype(np.float16) if k_type == "f16" else x
+    full = np.pad(stored.astype(np.float64), (0, ld - hd)).reshape(n, ld)[:, :hd] if n else np.zeros((0, hd))
+    return stored, full
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("k_type", ["f32", "f16"])
+@pytest.mark.parametrize("n,hd", [(1, 64), (15, 64), (16, 64), (17, 64), (100, 64), (40, 1), (33, 17), (20, 128),
+                                  (5, 80), (0, 64)])
+def test_scores_match_numpy(isa_name, k_type, n, hd, heap):
+    """Attention's scores: q against n keys of the cache's type, a stride wider than a head."""
+    ops = lib.ps_f32_ops_for(require_isa(isa_name))
+    rng = np.random.default_rng(n * 100 + hd)
+    ld = hd + 7
+    q = random_floats(rng, hd)
+    stored, K = key_rows(rng, n, ld, hd, k_type)
+    got = scores(ops, q, stored, ld, n, hd, getattr(lib, f"PS_TYPE_{k_type.upper()}"), heap)
+    expected = K @ q.astype(np.float64)
+    assert np.all(np.abs(got[:n] - expected) <= 1e-5 * (np.abs(K) @ np.abs(q.astype(np.float64))) + 1e-30)
+    assert np.isnan(got[n])                                     # nothing written past n
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+def test_a_positions_score_does_not_depend_on_how_many_there_are(isa_name, heap):
+    """Decoding scores one more position each step, a prompt all of them at once: a position's
+    score takes the same steps either way (AVX-512 sums 16 positions together)."""
+    ops = lib.ps_f32_ops_for(require_isa(isa_name))
+    rng = np.random.default_rng(5)
+    for k_type in ("f32", "f16"):
+        stored, _ = key_rows(rng, 40, 64, 64, k_type)
+        q = random_floats(rng, 64)
+        type_id = getattr(lib, f"PS_TYPE_{k_type.upper()}")
+        every = scores(ops, q, stored, 64, 40, 64, type_id, heap)[:40]
+        for n in range(1, 40):
+            assert np.array_equal(scores(ops, q, stored, 64, n, 64, type_id, heap)[:n].view(np.uint32),
+                                  every[:n].view(np.uint32)), (k_type, n)
+
+
 @pytest.mark.parametrize("isa_name", ISAS)
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 100, 1536])
 @pytest.mark.parametrize("min_value", [float(np.finfo(np.float32).smallest_subnormal), 0.5, -0.25])
