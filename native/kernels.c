@@ -501,10 +501,20 @@ static void to_bf16_scalar(const float *x, uint16_t *out, int64_t n) {
     for (int64_t i = 0; i < n; i++) out[i] = ps_f32_to_bf16(x[i]);
 }
 
-static void weighted_sum_scalar(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k, float *out) {
+/* weighted_sum over rows of type F32 or F16 (the KV cache's) */
+static void weighted_sum_typed_scalar(const float *w, int64_t n, const void *rows, int64_t ld, int64_t k, int type,
+                                      float *out) {
     for (int64_t i = 0; i < k; i++) out[i] = 0.0f;
     for (int64_t t = 0; t < n; t++)
-        for (int64_t i = 0; i < k; i++) out[i] += w[t] * rows[t * ld + i];
+        for (int64_t i = 0; i < k; i++)
+            out[i] += w[t] * (type == PS_TYPE_F16 ? ps_f16_to_f32(((const uint16_t *)rows)[t * ld + i])
+                                                  : ((const float *)rows)[t * ld + i]);
+}
+static void weighted_sum_scalar(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k, float *out) {
+    weighted_sum_typed_scalar(w, n, rows, ld, k, PS_TYPE_F32, out);
+}
+static void weighted_sum_f16_scalar(const float *w, int64_t n, const uint16_t *rows, int64_t ld, int64_t k, float *out) {
+    weighted_sum_typed_scalar(w, n, rows, ld, k, PS_TYPE_F16, out);
 }
 
 /* n rounded down to whole blocks: the generic SIMD loops below treat any n % 32 as a tail of
@@ -789,24 +799,35 @@ TARGET_AVX2 static void scores_avx2(const float *q, const void *k, int64_t ld, i
     for (int64_t t = 0; t < n; t++) out[t] = dot_avx2((const char *)k + (size_t)(t * ld) * es, q, hd, k_type);
 }
 
-TARGET_AVX2 static void weighted_sum_avx2(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k,
-                                          float *out) {
+TARGET_AVX2 INLINE void weighted_sum_typed_avx2(const float *w, int64_t n, const void *rows, int64_t ld, int64_t k,
+                                                int type, float *out) {
+    const size_t es = type == PS_TYPE_F16 ? 2 : 4;
+    const char *rb = rows;
     int64_t i = 0;
     for (; i + 32 <= k; i += 32) {
         __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
         for (int64_t t = 0; t < n; t++) {
             const __m256 wt = _mm256_set1_ps(w[t]);
-            const float *r = rows + t * ld + i;
-            for (int q = 0; q < 4; q++) acc[q] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(r + 8 * q), acc[q]);
+            const char *r = rb + (size_t)(t * ld) * es;
+            for (int q = 0; q < 4; q++) acc[q] = _mm256_fmadd_ps(wt, load8_avx2(r, i + 8 * q, type), acc[q]);
         }
         for (int q = 0; q < 4; q++) _mm256_storeu_ps(out + i + 8 * q, acc[q]);
     }
     for (; i + 8 <= k; i += 8) {
         __m256 acc = _mm256_setzero_ps();
-        for (int64_t t = 0; t < n; t++) acc = _mm256_fmadd_ps(_mm256_set1_ps(w[t]), _mm256_loadu_ps(rows + t * ld + i), acc);
+        for (int64_t t = 0; t < n; t++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(w[t]), load8_avx2(rb + (size_t)(t * ld) * es, i, type), acc);
         _mm256_storeu_ps(out + i, acc);
     }
-    if (i < k) weighted_sum_scalar(w, n, rows + i, ld, k - i, out + i);
+    if (i < k) weighted_sum_typed_scalar(w, n, rb + (size_t)i * es, ld, k - i, type, out + i);
+}
+TARGET_AVX2 static void weighted_sum_avx2(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k,
+                                          float *out) {
+    weighted_sum_typed_avx2(w, n, rows, ld, k, PS_TYPE_F32, out);
+}
+TARGET_AVX2 static void weighted_sum_f16_avx2(const float *w, int64_t n, const uint16_t *rows, int64_t ld, int64_t k,
+                                              float *out) {
+    weighted_sum_typed_avx2(w, n, rows, ld, k, PS_TYPE_F16, out);
 }
 
 /* 8-bit activations. The packs below saturate nothing: |q| <= 127. */
@@ -1326,8 +1347,10 @@ TARGET_AVX512 INLINE __mmask16 column_mask(int64_t i, int64_t k) { return i >= k
 
 /* 64 columns at a time in 4 accumulators, kept in registers over all the rows (two rows per
  * step, into two sets: 8 independent fma chains) */
-TARGET_AVX512 static void weighted_sum_avx512(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k,
-                                              float *out) {
+TARGET_AVX512 INLINE void weighted_sum_typed_avx512(const float *w, int64_t n, const void *rows, int64_t ld,
+                                                    int64_t k, int type, float *out) {
+    const size_t es = type == PS_TYPE_F16 ? 2 : 4;
+    const char *rb = rows;
     for (int64_t i = 0; i < k; i += 64) {
         __mmask16 m[4];
         __m512 acc[2][4];
@@ -1336,21 +1359,39 @@ TARGET_AVX512 static void weighted_sum_avx512(const float *w, int64_t n, const f
             acc[0][q] = acc[1][q] = _mm512_setzero_ps();
         }
         int64_t t = 0;
+        if (i + 64 <= k)   /* whole vectors: plain loads (masked ones that miss the cache ran slower) */
+            for (; t + 2 <= n; t += 2) {
+                const __m512 w0 = _mm512_set1_ps(w[t]), w1 = _mm512_set1_ps(w[t + 1]);
+                const char *r0 = rb + (size_t)(t * ld) * es, *r1 = r0 + (size_t)ld * es;
+                for (int q = 0; q < 4; q++) {
+                    acc[0][q] = _mm512_fmadd_ps(w0, load16_avx512(r0, i + 16 * q, type), acc[0][q]);
+                    acc[1][q] = _mm512_fmadd_ps(w1, load16_avx512(r1, i + 16 * q, type), acc[1][q]);
+                }
+            }
         for (; t + 2 <= n; t += 2) {
             const __m512 w0 = _mm512_set1_ps(w[t]), w1 = _mm512_set1_ps(w[t + 1]);
-            const float *r0 = rows + t * ld + i, *r1 = r0 + ld;
+            const char *r0 = rb + (size_t)(t * ld) * es, *r1 = r0 + (size_t)ld * es;
             for (int q = 0; q < 4; q++) {
-                acc[0][q] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m[q], r0 + 16 * q), acc[0][q]);
-                acc[1][q] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m[q], r1 + 16 * q), acc[1][q]);
+                acc[0][q] = _mm512_fmadd_ps(w0, load16_masked_avx512(r0, i + 16 * q, m[q], type), acc[0][q]);
+                acc[1][q] = _mm512_fmadd_ps(w1, load16_masked_avx512(r1, i + 16 * q, m[q], type), acc[1][q]);
             }
         }
         if (t < n) {
             const __m512 w0 = _mm512_set1_ps(w[t]);
             for (int q = 0; q < 4; q++)
-                acc[0][q] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m[q], rows + t * ld + i + 16 * q), acc[0][q]);
+                acc[0][q] = _mm512_fmadd_ps(w0, load16_masked_avx512(rb + (size_t)(t * ld) * es, i + 16 * q, m[q], type),
+                                            acc[0][q]);
         }
         for (int q = 0; q < 4; q++) _mm512_mask_storeu_ps(out + i + 16 * q, m[q], _mm512_add_ps(acc[0][q], acc[1][q]));
     }
+}
+TARGET_AVX512 static void weighted_sum_avx512(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k,
+                                              float *out) {
+    weighted_sum_typed_avx512(w, n, rows, ld, k, PS_TYPE_F32, out);
+}
+TARGET_AVX512 static void weighted_sum_f16_avx512(const float *w, int64_t n, const uint16_t *rows, int64_t ld,
+                                                  int64_t k, float *out) {
+    weighted_sum_typed_avx512(w, n, rows, ld, k, PS_TYPE_F16, out);
 }
 
 /* 8-bit activations: two blocks per 512-bit vector */
@@ -1835,23 +1876,32 @@ static void scores_neon(const float *q, const void *k, int64_t ld, int64_t n, in
     for (int64_t t = 0; t < n; t++) out[t] = dot_neon((const char *)k + (size_t)(t * ld) * es, q, hd, k_type);
 }
 
-static void weighted_sum_neon(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k, float *out) {
+INLINE void weighted_sum_typed_neon(const float *w, int64_t n, const void *rows, int64_t ld, int64_t k, int type,
+                                    float *out) {
+    const size_t es = type == PS_TYPE_F16 ? 2 : 4;
+    const char *rb = rows;
     int64_t i = 0;
     for (; i + 32 <= k; i += 32) {
         float32x4_t acc[8];
         for (int q = 0; q < 8; q++) acc[q] = vdupq_n_f32(0.0f);
         for (int64_t t = 0; t < n; t++) {
-            const float *r = rows + t * ld + i;
-            for (int q = 0; q < 8; q++) acc[q] = vfmaq_n_f32(acc[q], vld1q_f32(r + 4 * q), w[t]);
+            const char *r = rb + (size_t)(t * ld) * es;
+            for (int q = 0; q < 8; q++) acc[q] = vfmaq_n_f32(acc[q], load4_neon(r, i + 4 * q, type), w[t]);
         }
         for (int q = 0; q < 8; q++) vst1q_f32(out + i + 4 * q, acc[q]);
     }
     for (; i + 4 <= k; i += 4) {
         float32x4_t acc = vdupq_n_f32(0.0f);
-        for (int64_t t = 0; t < n; t++) acc = vfmaq_n_f32(acc, vld1q_f32(rows + t * ld + i), w[t]);
+        for (int64_t t = 0; t < n; t++) acc = vfmaq_n_f32(acc, load4_neon(rb + (size_t)(t * ld) * es, i, type), w[t]);
         vst1q_f32(out + i, acc);
     }
-    if (i < k) weighted_sum_scalar(w, n, rows + i, ld, k - i, out + i);
+    if (i < k) weighted_sum_typed_scalar(w, n, rb + (size_t)i * es, ld, k - i, type, out + i);
+}
+static void weighted_sum_neon(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k, float *out) {
+    weighted_sum_typed_neon(w, n, rows, ld, k, PS_TYPE_F32, out);
+}
+static void weighted_sum_f16_neon(const float *w, int64_t n, const uint16_t *rows, int64_t ld, int64_t k, float *out) {
+    weighted_sum_typed_neon(w, n, rows, ld, k, PS_TYPE_F16, out);
 }
 
 /* 8-bit activations */
@@ -1996,14 +2046,16 @@ static const q8_kernels *const isa_q8[PS_ISA_COUNT] = {
 };
 
 static const ps_f32_ops f32_ops_scalar = { exp_scalar, weighted_sum_scalar, keep_at_least_scalar, to_bf16_scalar,
-                                           scores_scalar };
+                                           scores_scalar, weighted_sum_f16_scalar };
 #if defined(__x86_64__)
-static const ps_f32_ops f32_ops_avx2 = { exp_avx2, weighted_sum_avx2, keep_at_least_scalar, to_bf16_scalar, scores_avx2 };
+static const ps_f32_ops f32_ops_avx2 = { exp_avx2, weighted_sum_avx2, keep_at_least_scalar, to_bf16_scalar, scores_avx2,
+                                         weighted_sum_f16_avx2 };
 static const ps_f32_ops f32_ops_avx512 = { exp_avx512, weighted_sum_avx512, keep_at_least_avx512, to_bf16_avx512,
-                                           scores_avx512 };
+                                           scores_avx512, weighted_sum_f16_avx512 };
 #endif
 #if defined(__aarch64__)
-static const ps_f32_ops f32_ops_neon = { exp_neon, weighted_sum_neon, keep_at_least_scalar, to_bf16_scalar, scores_neon };
+static const ps_f32_ops f32_ops_neon = { exp_neon, weighted_sum_neon, keep_at_least_scalar, to_bf16_scalar, scores_neon,
+                                         weighted_sum_f16_neon };
 #endif
 
 /* NULL: not built (a VNNI / dotprod level has its base's) */

@@ -129,6 +129,9 @@ typedef struct {
      * position's score takes the same steps whatever n (AVX-512: 16 positions at a time, each
      * in its own accumulator, their sums reduced together; elsewhere the type's dot per row). */
     void (*scores)(const float *q, const void *k, int64_t ld, int64_t n, int64_t hd, int k_type, float *out);
+    /* weighted_sum over F16 rows (an F16 KV cache's values), the same steps on the converted
+     * values (each half converts exactly) */
+    void (*weighted_sum_f16)(const float *w, int64_t n, const uint16_t *rows, int64_t ld, int64_t k, float *out);
 } ps_f32_ops;
 
 /* the table of isa (-1: the best available); NULL if the isa is unavailable */

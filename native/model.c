@@ -406,10 +406,11 @@ static void attention_task(void *ctx, int ith, int nth) {
      * and on head_dim-long vectors that took 2.4% of a 1-thread F16 prompt's samples against
      * 3.5% for the products themselves (perf). The keys are scored by ops->scores (AVX-512: 16
      * positions at a time, the sums reduced together; one dot per position spent as long on
-     * its reduction as on its products); F16 values are added by the cache type's axpy4, four
-     * positions at a time, F32 values by the f32 weighted sum. */
+     * its reduction as on its products); the values are summed by the weighted sum of their
+     * type, its accumulators in registers over all positions (F16 values had taken an axpy4
+     * call per four positions, each loading and storing the output: 17% of a default-model
+     * token at depth 1000, perf). */
     const ps_f32_ops *ops = ps_f32_ops_for(-1);
-    const ps_type_traits *kv = ps_type_traits_for(m->kv_type, -1);
     const size_t es = ps_row_bytes(m->kv_type, 1);
     const char *kc = m->k_cache + (size_t)job->layer * (size_t)m->n_ctx * (size_t)kvd * es;
     const char *vc = m->v_cache + (size_t)job->layer * (size_t)m->n_ctx * (size_t)kvd * es;
@@ -430,18 +431,8 @@ static void attention_task(void *ctx, int ith, int nth) {
         float sum = 0.0f;
         for (int t = 0; t < n; t++) sum += scores[t];
         float *out = m->att_out + (int64_t)b * q_dim(c) + h * hd;
-        if (m->kv_type == PS_TYPE_F32) {
-            ops->weighted_sum(scores, n, (const float *)vc + kvh * hd, kvd, hd, out);
-        } else {
-            memset(out, 0, (size_t)hd * sizeof(float));
-            int t = 0;
-            for (; t + 4 <= n; t += 4) {
-                const void *rows[4];
-                for (int r = 0; r < 4; r++) rows[r] = vc + ((size_t)(t + r) * kvd + (size_t)kvh * hd) * es;
-                kv->axpy4(scores + t, rows, out, hd);
-            }
-            for (; t < n; t++) kv->axpy(scores[t], vc + ((size_t)t * kvd + (size_t)kvh * hd) * es, out, hd);
-        }
+        if (m->kv_type == PS_TYPE_F32) ops->weighted_sum(scores, n, (const float *)vc + kvh * hd, kvd, hd, out);
+        else                           ops->weighted_sum_f16(scores, n, (const uint16_t *)vc + kvh * hd, kvd, hd, out);
         const float inv_sum = 1.0f / sum;
         for (int i = 0; i < hd; i++) out[i] *= inv_sum;
     }

@@ -5,7 +5,8 @@
  *   to_float equal (as numbers); dot within 1e-5 of sum |w x|; axpy within a few roundings;
  *   axpy4 the same bits as four of the table's axpys (rows of one row's blocks, rotated);
  *   quantize_q8 byte for byte; dot_q8 within 1e-5 of the block-wise magnitude; exp bit for bit;
- *   weighted_sum within 1e-5 of sum |w r|; scores within 1e-5 of sum |q k|; to_bf16 bit for bit.
+ *   weighted_sum (F32 and F16 rows) within 1e-5 of sum |w r|; scores within 1e-5 of sum |q k|;
+ *   to_bf16 bit for bit.
  * Prints one line per ISA ("<isa> ok <checks>" or the first failure) and "available: ..."; the
  * exit status is the number of failing ISAs. */
 #include "kernels.h"
@@ -172,6 +173,20 @@ static int check_isa(int isa) {
             }
             checks += 1;
         }
+    }
+    /* weighted_sum_f16 within 1e-5 of sum |w v| per column, over the F16 rows above */
+    for (int64_t k = 1; k <= 130 && !failed; k += 43) {
+        random_floats(w, n_keys);
+        ops->weighted_sum_f16(w, n_keys, (const uint16_t *)row, ldk, k, y);
+        for (int64_t i = 0; i < k && !failed; i++) {
+            double want = 0.0, mag = 0.0;
+            for (int64_t t = 0; t < n_keys; t++) {
+                want += (double)w[t] * w2[t * ldk + i];
+                mag += fabs((double)w[t] * w2[t * ldk + i]);
+            }
+            if (fabs(y[i] - want) > 1e-5 * mag + 1e-30) failed = fail(name, "weighted_sum_f16", 0, k, y[i], want);
+        }
+        checks += 1;
     }
     uint16_t *b16 = (uint16_t *)w, *b16_ref = (uint16_t *)w + max_n;   /* w holds 2 max_n halves */
     ops->to_bf16(tmp, b16, max_n / 2);

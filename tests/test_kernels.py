@@ -876,17 +876,25 @@ def test_exp_same_bits_as_scalar(isa_name, heap):
 
 
 @pytest.mark.parametrize("isa_name", ISAS)
-@pytest.mark.parametrize("n,k", [(1, 64), (2, 64), (7, 64), (128, 64), (5, 1), (3, 17), (9, 100), (4, 129), (0, 33)])
-def test_weighted_sum_matches_numpy(isa_name, n, k, heap):
+@pytest.mark.parametrize("v_type", ["f32", "f16"])
+@pytest.mark.parametrize("n,k", [(1, 64), (2, 64), (7, 64), (128, 64), (5, 1), (3, 17), (9, 100), (4, 129), (0, 33),
+                                 (3, 128), (6, 80)])
+def test_weighted_sum_matches_numpy(isa_name, v_type, n, k, heap):
+    """Attention's sum of value rows (F32, or an F16 cache's: weighted_sum_f16)."""
     ops = lib.ps_f32_ops_for(require_isa(isa_name))
     rng = np.random.default_rng(n * 1000 + k)
     ld = k + 5                                                 # a stride wider than the rows
     w = rng.random(n).astype(np.float32)
     rows = random_floats(rng, max(n * ld - 5, 0))              # the last row ends at column k
+    if v_type == "f16":
+        rows = rows.astype(np.float16)
     out = heap.put(np.full(k + 1, np.nan, dtype=np.float32), "float *")
-    ops.weighted_sum(heap.put(w, "float *"), n, heap.put(rows, "float *"), ld, k, out)
+    if v_type == "f16":
+        ops.weighted_sum_f16(heap.put(w, "float *"), n, heap.put(rows.view(np.uint16), "uint16_t *"), ld, k, out)
+    else:
+        ops.weighted_sum(heap.put(w, "float *"), n, heap.put(rows, "float *"), ld, k, out)
     got = read(out, np.float32, k + 1)
-    R = np.pad(rows, (0, 5)).reshape(n, ld)[:, :k].astype(np.float64) if n else np.zeros((0, k))
+    R = np.pad(rows.astype(np.float64), (0, 5)).reshape(n, ld)[:, :k] if n else np.zeros((0, k))
     expected = w.astype(np.float64) @ R
     assert np.all(np.abs(got[:k] - expected) <= 1e-5 * (np.abs(w) @ np.abs(R)) + 1e-30)
     assert np.isnan(got[k])                                     # nothing written past k
