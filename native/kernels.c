@@ -1189,6 +1189,16 @@ TARGET_AVX512 INLINE __m512 sum16_avx512(const __m512 v[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xdd));
 }
 
+/* a 4 x 4 tile's accumulators (token t, row r: acc[4t + r]) reduced together, token t's 4 rows
+ * stored from 128-bit chunk t of the sums at c + t * ldc */
+TARGET_AVX512 INLINE void store_tile4x4_avx512(const __m512 acc[16], float *c, int64_t ldc) {
+    const __m512 sums = sum16_avx512(acc);
+    _mm_storeu_ps(c, _mm512_extractf32x4_ps(sums, 0));
+    _mm_storeu_ps(c + ldc, _mm512_extractf32x4_ps(sums, 1));
+    _mm_storeu_ps(c + 2 * ldc, _mm512_extractf32x4_ps(sums, 2));
+    _mm_storeu_ps(c + 3 * ldc, _mm512_extractf32x4_ps(sums, 3));
+}
+
 /* tiles of 4 rows x 4 tokens: 16 accumulators, 8 loads per 16 fmas; k's tail under a mask;
  * the tile's 16 sums reduced together, token t's 4 rows stored from 128-bit chunk t */
 /* a's rows of type F32, F16 or BF16, converted as they are loaded (F16 pp128, 1 thread: the GEMM with
@@ -1225,11 +1235,7 @@ TARGET_AVX512 INLINE void gemm_typed_avx512(const void *a, int64_t lda, int64_t 
                     for (int r = 0; r < 4; r++) acc[4 * t + r] = _mm512_fmadd_ps(va[r], vb, acc[4 * t + r]);
                 }
             }
-            const __m512 sums = sum16_avx512(acc);
-            _mm_storeu_ps(c + j * ldc + i, _mm512_extractf32x4_ps(sums, 0));
-            _mm_storeu_ps(c + (j + 1) * ldc + i, _mm512_extractf32x4_ps(sums, 1));
-            _mm_storeu_ps(c + (j + 2) * ldc + i, _mm512_extractf32x4_ps(sums, 2));
-            _mm_storeu_ps(c + (j + 3) * ldc + i, _mm512_extractf32x4_ps(sums, 3));
+            store_tile4x4_avx512(acc, c + j * ldc + i, ldc);
         }
         for (; j < nb; j++)
             for (int r = 0; r < 4; r++) c[j * ldc + i + r] = dot_avx512(ar[r], b + j * ldb, k, type);
@@ -1710,11 +1716,7 @@ TARGET_AVX512_BF16 static void gemm_bf16_avx512_bf16(const void *a, int64_t lda,
                     for (int r = 0; r < 4; r++) acc[4 * t + r] = _mm512_dpbf16_ps(acc[4 * t + r], va[r], vb);
                 }
             }
-            const __m512 sums = sum16_avx512(acc);
-            _mm_storeu_ps(c + j * ldc + i, _mm512_extractf32x4_ps(sums, 0));
-            _mm_storeu_ps(c + (j + 1) * ldc + i, _mm512_extractf32x4_ps(sums, 1));
-            _mm_storeu_ps(c + (j + 2) * ldc + i, _mm512_extractf32x4_ps(sums, 2));
-            _mm_storeu_ps(c + (j + 3) * ldc + i, _mm512_extractf32x4_ps(sums, 3));
+            store_tile4x4_avx512(acc, c + j * ldc + i, ldc);
         }
         for (; j < nb; j++)
             for (int r = 0; r < 4; r++) c[j * ldc + i + r] = dot_bf16_avx512_bf16(ar[r], b + j * ldb, k);
