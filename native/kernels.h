@@ -6,8 +6,9 @@
  * Kernels take float32 activations, except dot_q8: the integer types (Q8_0, Q4_0, Q4_1) also
  * have a dot with the activation vector quantised to 8 bits (ps_q8_vec), computed with integer
  * multiply-adds as llama.cpp does; and dot_bf16 (and ps_gemm_nt_bf16): where the CPU has
- * AVX512-BF16, BF16 rows times activations rounded to bf16, with vdpbf16ps. A "row" is ne0 weights of one type, stored as
- * ne0 / block_size consecutive blocks; n is always a multiple of block_size.
+ * AVX512-BF16, BF16 rows times activations rounded to bf16, with vdpbf16ps. A "row" is ne0
+ * weights of one type, stored as ne0 / block_size consecutive blocks; n is always a multiple of
+ * block_size.
  */
 #ifndef PROSPARSE_KERNELS_H
 #define PROSPARSE_KERNELS_H
@@ -156,9 +157,10 @@ int ps_gemm_nt_typed(int a_type, const void *a, int64_t lda, int64_t m, const fl
 int ps_gemm_nt_typed_isa(int isa, int a_type, const void *a, int64_t lda, int64_t m, const float *b, int64_t ldb,
                          int64_t nb, int64_t k, float *c, int64_t ldc);
 
-/* Prompt batches of BF16 weights with bf16 activations (AVX512_BF16 only): c[j*ldc + i] =
- * dot_bf16(a_i, b_j, k), a's rows BF16 (lda elements apart), b's bf16 (ldb apart), tiles of 4
- * rows x 4 tokens with vdpbf16ps. Returns -1, computing nothing, where the isa has no such kernel. */
+/* Prompt batches of BF16 weights with bf16 activations (AVX512_BF16 only): c[j*ldc + i] = the
+ * sum over k of a_i * b_j (dot_bf16's products, summed in another order), a's rows BF16 (lda
+ * elements apart), b's bf16 (ldb apart), tiles of 4 rows x 4 tokens with vdpbf16ps. Returns -1,
+ * computing nothing, where the isa has no such kernel. */
 int ps_gemm_nt_bf16_supported(void);   /* 1 if the best available isa has it */
 int ps_gemm_nt_bf16(const void *a, int64_t lda, int64_t m, const uint16_t *b, int64_t ldb, int64_t nb, int64_t k,
                     float *c, int64_t ldc);

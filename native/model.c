@@ -201,8 +201,10 @@ static inline void prefetch_first_rows(const char *base, size_t row_bytes, const
 }
 
 /* Rows j0..j1 of a target. One token: a dot per row, integer when the type has an integer
- * kernel and in_q8 is given. A batch: the chunk's rows are dequantised once into the thread's
- * tile, then multiplied with every token at once. */
+ * kernel and in_q8 is given, bf16 when the type has a bf16 dot and in_bf16 is given. A batch:
+ * BF16 rows with in_bf16 through the bf16 GEMM; F32 rows, and F16 / BF16 ones where the GEMM
+ * converts them itself, through the typed GEMM; the others are dequantised once into the
+ * thread's tile, then multiplied with every token at once. */
 static void matmul_rows(const matmul_target *t, const float *in, const ps_q8_vec *in_q8, const uint16_t *in_bf16,
                         int batch, int64_t j0, int64_t j1, float *tile) {
     const ps_tensor *w = t->w;
