@@ -502,19 +502,13 @@ static void to_bf16_scalar(const float *x, uint16_t *out, int64_t n) {
 }
 
 /* weighted_sum over rows of type F32 or F16 (the KV cache's) */
-static void weighted_sum_typed_scalar(const float *w, int64_t n, const void *rows, int64_t ld, int64_t k, int type,
-                                      float *out) {
+static void weighted_sum_scalar(const float *w, int64_t n, const void *rows, int64_t ld, int64_t k, int type,
+                                float *out) {
     for (int64_t i = 0; i < k; i++) out[i] = 0.0f;
     for (int64_t t = 0; t < n; t++)
         for (int64_t i = 0; i < k; i++)
             out[i] += w[t] * (type == PS_TYPE_F16 ? ps_f16_to_f32(((const uint16_t *)rows)[t * ld + i])
                                                   : ((const float *)rows)[t * ld + i]);
-}
-static void weighted_sum_scalar(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k, float *out) {
-    weighted_sum_typed_scalar(w, n, rows, ld, k, PS_TYPE_F32, out);
-}
-static void weighted_sum_f16_scalar(const float *w, int64_t n, const uint16_t *rows, int64_t ld, int64_t k, float *out) {
-    weighted_sum_typed_scalar(w, n, rows, ld, k, PS_TYPE_F16, out);
 }
 
 /* n rounded down to whole blocks: the generic SIMD loops below treat any n % 32 as a tail of
@@ -819,15 +813,13 @@ TARGET_AVX2 INLINE void weighted_sum_typed_avx2(const float *w, int64_t n, const
             acc = _mm256_fmadd_ps(_mm256_set1_ps(w[t]), load8_avx2(rb + (size_t)(t * ld) * es, i, type), acc);
         _mm256_storeu_ps(out + i, acc);
     }
-    if (i < k) weighted_sum_typed_scalar(w, n, rb + (size_t)i * es, ld, k - i, type, out + i);
+    if (i < k) weighted_sum_scalar(w, n, rb + (size_t)i * es, ld, k - i, type, out + i);
 }
-TARGET_AVX2 static void weighted_sum_avx2(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k,
-                                          float *out) {
-    weighted_sum_typed_avx2(w, n, rows, ld, k, PS_TYPE_F32, out);
-}
-TARGET_AVX2 static void weighted_sum_f16_avx2(const float *w, int64_t n, const uint16_t *rows, int64_t ld, int64_t k,
-                                              float *out) {
-    weighted_sum_typed_avx2(w, n, rows, ld, k, PS_TYPE_F16, out);
+/* the type a constant in each call: its loads compile without a switch */
+TARGET_AVX2 static void weighted_sum_avx2(const float *w, int64_t n, const void *rows, int64_t ld, int64_t k,
+                                          int v_type, float *out) {
+    if (v_type == PS_TYPE_F16) weighted_sum_typed_avx2(w, n, rows, ld, k, PS_TYPE_F16, out);
+    else                       weighted_sum_typed_avx2(w, n, rows, ld, k, PS_TYPE_F32, out);
 }
 
 /* 8-bit activations. The packs below saturate nothing: |q| <= 127. */
@@ -1391,13 +1383,10 @@ TARGET_AVX512 INLINE void weighted_sum_typed_avx512(const float *w, int64_t n, c
         for (int q = 0; q < 4; q++) _mm512_mask_storeu_ps(out + i + 16 * q, m[q], _mm512_add_ps(acc[0][q], acc[1][q]));
     }
 }
-TARGET_AVX512 static void weighted_sum_avx512(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k,
-                                              float *out) {
-    weighted_sum_typed_avx512(w, n, rows, ld, k, PS_TYPE_F32, out);
-}
-TARGET_AVX512 static void weighted_sum_f16_avx512(const float *w, int64_t n, const uint16_t *rows, int64_t ld,
-                                                  int64_t k, float *out) {
-    weighted_sum_typed_avx512(w, n, rows, ld, k, PS_TYPE_F16, out);
+TARGET_AVX512 static void weighted_sum_avx512(const float *w, int64_t n, const void *rows, int64_t ld, int64_t k,
+                                              int v_type, float *out) {
+    if (v_type == PS_TYPE_F16) weighted_sum_typed_avx512(w, n, rows, ld, k, PS_TYPE_F16, out);
+    else                       weighted_sum_typed_avx512(w, n, rows, ld, k, PS_TYPE_F32, out);
 }
 
 /* 8-bit activations: two blocks per 512-bit vector */
@@ -1897,13 +1886,12 @@ INLINE void weighted_sum_typed_neon(const float *w, int64_t n, const void *rows,
         for (int64_t t = 0; t < n; t++) acc = vfmaq_n_f32(acc, load4_neon(rb + (size_t)(t * ld) * es, i, type), w[t]);
         vst1q_f32(out + i, acc);
     }
-    if (i < k) weighted_sum_typed_scalar(w, n, rb + (size_t)i * es, ld, k - i, type, out + i);
+    if (i < k) weighted_sum_scalar(w, n, rb + (size_t)i * es, ld, k - i, type, out + i);
 }
-static void weighted_sum_neon(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k, float *out) {
-    weighted_sum_typed_neon(w, n, rows, ld, k, PS_TYPE_F32, out);
-}
-static void weighted_sum_f16_neon(const float *w, int64_t n, const uint16_t *rows, int64_t ld, int64_t k, float *out) {
-    weighted_sum_typed_neon(w, n, rows, ld, k, PS_TYPE_F16, out);
+static void weighted_sum_neon(const float *w, int64_t n, const void *rows, int64_t ld, int64_t k, int v_type,
+                              float *out) {
+    if (v_type == PS_TYPE_F16) weighted_sum_typed_neon(w, n, rows, ld, k, PS_TYPE_F16, out);
+    else                       weighted_sum_typed_neon(w, n, rows, ld, k, PS_TYPE_F32, out);
 }
 
 /* 8-bit activations */
@@ -2048,16 +2036,14 @@ static const q8_kernels *const isa_q8[PS_ISA_COUNT] = {
 };
 
 static const ps_f32_ops f32_ops_scalar = { exp_scalar, weighted_sum_scalar, keep_at_least_scalar, to_bf16_scalar,
-                                           scores_scalar, weighted_sum_f16_scalar };
+                                           scores_scalar };
 #if defined(__x86_64__)
-static const ps_f32_ops f32_ops_avx2 = { exp_avx2, weighted_sum_avx2, keep_at_least_scalar, to_bf16_scalar, scores_avx2,
-                                         weighted_sum_f16_avx2 };
+static const ps_f32_ops f32_ops_avx2 = { exp_avx2, weighted_sum_avx2, keep_at_least_scalar, to_bf16_scalar, scores_avx2 };
 static const ps_f32_ops f32_ops_avx512 = { exp_avx512, weighted_sum_avx512, keep_at_least_avx512, to_bf16_avx512,
-                                           scores_avx512, weighted_sum_f16_avx512 };
+                                           scores_avx512 };
 #endif
 #if defined(__aarch64__)
-static const ps_f32_ops f32_ops_neon = { exp_neon, weighted_sum_neon, keep_at_least_scalar, to_bf16_scalar, scores_neon,
-                                         weighted_sum_f16_neon };
+static const ps_f32_ops f32_ops_neon = { exp_neon, weighted_sum_neon, keep_at_least_scalar, to_bf16_scalar, scores_neon };
 #endif
 
 /* NULL: not built (a VNNI / dotprod level has its base's) */

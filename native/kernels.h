@@ -115,9 +115,11 @@ typedef struct {
     /* y[i] = e^x[i] (y may be x): within 1.5 ulp (1 ulp at most over the tests' inputs),
      * subnormals and overflow included; the same bits in every isa */
     void (*exp)(const float *x, float *y, int64_t n);
-    /* out[0..k) = sum over t < n of w[t] * rows[t*ld + 0..k) (attention's weighted sum of
-     * value rows; out is kept in registers while the rows stream past) */
-    void (*weighted_sum)(const float *w, int64_t n, const float *rows, int64_t ld, int64_t k, float *out);
+    /* out[0..k) = sum over t < n of w[t] * rows[t*ld + 0..k), the rows of type v_type
+     * (PS_TYPE_F32 or PS_TYPE_F16, the KV cache's): attention's weighted sum of value rows; out
+     * is kept in registers while the rows stream past (F16 values convert exactly, so both
+     * types take the same steps on the same numbers) */
+    void (*weighted_sum)(const float *w, int64_t n, const void *rows, int64_t ld, int64_t k, int v_type, float *out);
     /* x[i] = x[i] >= min ? x[i] : 0 (NaN -> 0), then the indices of the non-zero x[i] go to
      * idx in increasing order; returns their count. The sparse FFN's gate: ReLU with min the
      * smallest positive float (x > 0), FATReLU with min its threshold. */
@@ -130,9 +132,6 @@ typedef struct {
      * position's score takes the same steps whatever n (AVX-512: 16 positions at a time, each
      * in its own accumulator, their sums reduced together; elsewhere the type's dot per row). */
     void (*scores)(const float *q, const void *k, int64_t ld, int64_t n, int64_t hd, int k_type, float *out);
-    /* weighted_sum over F16 rows (an F16 KV cache's values), the same steps on the converted
-     * values (each half converts exactly) */
-    void (*weighted_sum_f16)(const float *w, int64_t n, const uint16_t *rows, int64_t ld, int64_t k, float *out);
 } ps_f32_ops;
 
 /* the table of isa (-1: the best available); NULL if the isa is unavailable */

@@ -451,8 +451,7 @@ static void attention_task(void *ctx, int ith, int nth) {
         float sum = 0.0f;
         for (int j = 0; j < SOFTMAX_LANES; j++) sum += lane[j];
         float *out = m->att_out + (int64_t)b * q_dim(c) + h * hd;
-        if (m->kv_type == PS_TYPE_F32) ops->weighted_sum(scores, n, (const float *)vc + kvh * hd, kvd, hd, out);
-        else                           ops->weighted_sum_f16(scores, n, (const uint16_t *)vc + kvh * hd, kvd, hd, out);
+        ops->weighted_sum(scores, n, vc + (size_t)kvh * hd * es, kvd, hd, m->kv_type, out);
         const float inv_sum = 1.0f / sum;
         for (int i = 0; i < hd; i++) out[i] *= inv_sum;
     }

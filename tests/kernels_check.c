@@ -141,8 +141,8 @@ static int check_isa(int isa) {
     for (int64_t k = 1; k <= 130 && !failed; k += 43) {
         random_floats(w, rows);
         random_floats(tmp, rows * ld);
-        ops->weighted_sum(w, rows, tmp, ld, k, y);
-        ops_ref->weighted_sum(w, rows, tmp, ld, k, y_ref);
+        ops->weighted_sum(w, rows, tmp, ld, k, PS_TYPE_F32, y);
+        ops_ref->weighted_sum(w, rows, tmp, ld, k, PS_TYPE_F32, y_ref);
         for (int64_t i = 0; i < k && !failed; i++) {
             double mag = 0.0;
             for (int64_t t = 0; t < rows; t++) mag += fabs((double)w[t] * tmp[t * ld + i]);
@@ -174,17 +174,17 @@ static int check_isa(int isa) {
             checks += 1;
         }
     }
-    /* weighted_sum_f16 within 1e-5 of sum |w v| per column, over the F16 rows above */
+    /* weighted_sum of F16 rows within 1e-5 of sum |w v| per column, over the F16 rows above */
     for (int64_t k = 1; k <= 130 && !failed; k += 43) {
         random_floats(w, n_keys);
-        ops->weighted_sum_f16(w, n_keys, (const uint16_t *)row, ldk, k, y);
+        ops->weighted_sum(w, n_keys, row, ldk, k, PS_TYPE_F16, y);
         for (int64_t i = 0; i < k && !failed; i++) {
             double want = 0.0, mag = 0.0;
             for (int64_t t = 0; t < n_keys; t++) {
                 want += (double)w[t] * w2[t * ldk + i];
                 mag += fabs((double)w[t] * w2[t * ldk + i]);
             }
-            if (fabs(y[i] - want) > 1e-5 * mag + 1e-30) failed = fail(name, "weighted_sum_f16", 0, k, y[i], want);
+            if (fabs(y[i] - want) > 1e-5 * mag + 1e-30) failed = fail(name, "weighted_sum", PS_TYPE_F16, k, y[i], want);
         }
         checks += 1;
     }

@@ -880,7 +880,7 @@ def test_exp_same_bits_as_scalar(isa_name, heap):
 @pytest.mark.parametrize("n,k", [(1, 64), (2, 64), (7, 64), (128, 64), (5, 1), (3, 17), (9, 100), (4, 129), (0, 33),
                                  (3, 128), (6, 80)])
 def test_weighted_sum_matches_numpy(isa_name, v_type, n, k, heap):
-    """Attention's sum of value rows (F32, or an F16 cache's: weighted_sum_f16)."""
+    """Attention's sum of value rows (F32, or an F16 cache's)."""
     ops = lib.ps_f32_ops_for(require_isa(isa_name))
     rng = np.random.default_rng(n * 1000 + k)
     ld = k + 5                                                 # a stride wider than the rows
@@ -889,10 +889,8 @@ def test_weighted_sum_matches_numpy(isa_name, v_type, n, k, heap):
     if v_type == "f16":
         rows = rows.astype(np.float16)
     out = heap.put(np.full(k + 1, np.nan, dtype=np.float32), "float *")
-    if v_type == "f16":
-        ops.weighted_sum_f16(heap.put(w, "float *"), n, heap.put(rows.view(np.uint16), "uint16_t *"), ld, k, out)
-    else:
-        ops.weighted_sum(heap.put(w, "float *"), n, heap.put(rows, "float *"), ld, k, out)
+    ops.weighted_sum(heap.put(w, "float *"), n, heap.put(rows, "void *"), ld, k,
+                     getattr(lib, f"PS_TYPE_{v_type.upper()}"), out)
     got = read(out, np.float32, k + 1)
     R = np.pad(rows.astype(np.float64), (0, 5)).reshape(n, ld)[:, :k] if n else np.zeros((0, k))
     expected = w.astype(np.float64) @ R
