@@ -137,8 +137,9 @@ class Runtime:
     integer dot products, as llama.cpp does; faster, with logits within about 1% of f32; BF16
     weights, where the CPU has AVX512-BF16, read it rounded to bf16, in prompts too, as
     llama.cpp does); "auto" is q8 when the file has such weights. kv_type: what the KV cache
-    stores keys and values in, "f32" or "f16" (half the memory, and half the bytes each token reads from the
-    cache, which at long contexts rival the weights'; rounded to f16 as llama.cpp stores them).
+    stores keys and values in, "f32" or "f16" (half the memory, and half the bytes each token
+    reads from the cache, which at long contexts rival the weights'; rounded to f16 as
+    llama.cpp stores them).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, n_ctx: int | None = None,
@@ -212,14 +213,13 @@ class Runtime:
 
     @property
     def activations(self) -> str:
-        """How decoding's mat-vecs read their input: "f32" or "q8" (settable; "auto" is q8
+        """How mat-muls read their input: "f32" or "q8" (settable; "auto" is q8
         when some matrix is Q8_0/Q4_0/Q4_1, or BF16 on a CPU with AVX512-BF16, else f32)."""
         return self._model.activations
 
     @activations.setter
     def activations(self, mode: str) -> None:
-        if mode not in ACTIVATION_MODES:
-            raise ValueError(f"unknown activations mode {mode!r}; choose one of {', '.join(ACTIVATION_MODES)}")
+        check_name("activations mode", mode, ACTIVATION_MODES)
         if mode == "auto":
             mode = "q8" if self._model.q8_mode_applies else "f32"
         self._model.activations = mode

@@ -12,7 +12,8 @@ import sys
 import time
 
 from . import __version__
-from .api import USER_ERRORS, Runtime, Timings
+from .api import ACTIVATION_MODES, USER_ERRORS, Runtime, Timings
+from .native import KV_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,11 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure per-layer sparsity and predictor recall; print them at the end")
     p.add_argument("--predictor-threshold", type=float, default=None, metavar="T",
                    help="predictor decision threshold for every layer (default: the file's)")
-    p.add_argument("--activations", choices=["auto", "f32", "q8"], default="auto",
+    p.add_argument("--activations", choices=ACTIVATION_MODES, default="auto",
                    help="how decoding reads its input: f32, or q8 (8-bit for Q8_0/Q4_0/Q4_1 weights: integer "
                         "dot products, faster; bf16 for BF16 weights, prompts too, where the CPU has AVX512-BF16) "
                         "(default: auto, q8 when the file has such weights)")
-    p.add_argument("--kv-type", choices=["f32", "f16"], default="f32",
+    p.add_argument("--kv-type", choices=list(KV_TYPES), default="f32",
                    help="what the KV cache stores keys and values in: f16 halves its memory and what each "
                         "token reads from it (faster at long contexts) (default: f32)")
     p.add_argument("--version", action="version", version=f"prosparse {__version__}")

@@ -20,10 +20,17 @@ ACTIVATIONS = {"f32": lib.PS_ACTIVATIONS_F32, "q8": lib.PS_ACTIVATIONS_Q8}
 KV_TYPES = {"f32": lib.PS_TYPE_F32, "f16": lib.PS_TYPE_F16}
 
 
-def check_name(kind: str, name: str, table: dict) -> None:
-    """ValueError unless name is one of table's keys (a setting's names: ACTIVATIONS, KV_TYPES)."""
-    if name not in table:
-        raise ValueError(f"unknown {kind} {name!r}; choose one of {', '.join(table)}")
+def check_name(kind: str, name: str, names) -> None:
+    """ValueError unless name is one of names (a setting's: ACTIVATIONS, KV_TYPES, their keys)."""
+    if name not in names:
+        raise ValueError(f"unknown {kind} {name!r}; choose one of {', '.join(names)}")
+
+
+def has_integer_kernel(type_id: int) -> bool:
+    """The tensor type has an int8 kernel (dot_q8): 8-bit activations in q8 mode, single tokens
+    only (its prompt batches read f32)."""
+    t = lib.ps_type_traits_for(int(type_id), -1)
+    return t != ffi.NULL and t.dot_q8 != ffi.NULL
 
 
 class NativeError(RuntimeError):

@@ -18,10 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .api import USER_ERRORS, Runtime
-
-# the types whose batches read f32 in q8 mode (their int8 kernels are single-token only)
-INTEGER_TYPE_NAMES = ("Q8_0", "Q4_0", "Q4_1")
+from .api import ACTIVATION_MODES, USER_ERRORS, Runtime
+from .native import KV_TYPES, has_integer_kernel
 
 
 @dataclass
@@ -44,7 +42,7 @@ def evaluation_mode(rt: Runtime, requested: str) -> tuple[bool, str]:
     modes run on the decode path; so does an explicit "q8" on a file with integer weights,
     whose batches read f32 (BF16 weights read bf16 in batches too, where the CPU has
     AVX512-BF16)."""
-    integer = any(t.type.name in INTEGER_TYPE_NAMES for t in rt._gguf.tensors.values())
+    integer = any(has_integer_kernel(t.type) for t in rt._gguf.tensors.values())
     if rt.sparse != "dense" or (requested == "q8" and integer):
         return True, rt.activations
     if rt.activations == "f32":
@@ -97,12 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparse", choices=["dense", "exact", "predictor"], default=None,
                    help="FFN mode; anything but dense evaluates token by token (decode path)")
     p.add_argument("--predictor-threshold", type=float, default=None, metavar="T")
-    p.add_argument("--activations", choices=["auto", "f32", "q8"], default="auto",
+    p.add_argument("--activations", choices=ACTIVATION_MODES, default="auto",
                    help="how token-by-token evaluation reads its input (default: auto, q8 for Q8_0/Q4_0/Q4_1 "
                         "weights, and for BF16 ones where the CPU has AVX512-BF16: bf16, batches too); an "
                         "explicit q8 on a file with Q8_0/Q4_0/Q4_1 weights evaluates token by token, as their "
                         "batches read f32")
-    p.add_argument("--kv-type", choices=["f32", "f16"], default="f32",
+    p.add_argument("--kv-type", choices=list(KV_TYPES), default="f32",
                    help="what the KV cache stores keys and values in (default: f32)")
     args = p.parse_args(argv)
     try:
