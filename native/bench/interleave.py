@@ -2,13 +2,14 @@
 runtime/BENCHMARKS.md compares a dense file with a sparse one, or two builds of the extension,
 on a machine whose speed drifts by 10-15% from minute to minute.
 
-    python native/bench/interleave.py [--threads T] [--tokens N] [--rounds R] [--reps K]
-        [--native DIR] LABEL:FILE:MODE [LABEL:FILE:MODE ...]
+    python native/bench/interleave.py [--threads T] [--tokens N] [--depth D] [--kv-type TYPE]
+        [--rounds R] [--reps K] [--native DIR] LABEL:FILE:MODE [LABEL:FILE:MODE ...]
 
 MODE is a sparse mode (dense, exact, predictor). Each round runs every spec in turn (reversed
 every other round), each K + 1 times (the first untimed), and keeps its best tg<N> (or pp<N>
 with --prompt) in tokens/s, timed as prosparse-bench times them: the N decode steps alone (not
-the one-token prompt before them, nor the garbage collection before the timer; until 2026-11-29
+the one-token prompt before them, nor the garbage collection before the timer; with --depth D,
+after an untimed D-token prompt, from position D, as prosparse-bench's tgN @ dD; until 2026-11-29
 06:20 UTC this driver timed the whole call, ~13 ms more per tg64 on SmolLM2, which pulled every
 sparse/dense ratio quoted before then towards 1 by 2-4%); prints each spec's median over the
 rounds, its best round and every round's value, then each later spec's per-round ratio to the
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tokens", type=int, default=64, help="generated (or prompt, with --prompt) tokens")
     p.add_argument("--prompt", action="store_true", help="time a prompt of --tokens tokens instead of decode")
+    p.add_argument("--depth", type=int, default=0, help="decode after this many untimed prompt tokens")
+    p.add_argument("--kv-type", default="f32", help="the KV cache's type (f32, f16)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=3, help="timed runs per spec and round (best kept)")
     p.add_argument("--native", metavar="DIR", help="an extension built by native/build_native.py DIR")
@@ -51,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
             label, path, mode = spec.rsplit(":", 2)
         except ValueError:
             p.error(f"{spec!r} is not LABEL:FILE:MODE")
-        rt = Runtime(path, n_ctx=max(n + 1, 129), threads=args.threads, sparse=mode)
-        runs.append((label, rt, bench.bench_tokens(rt, max(n + 1, 128))))
+        rt = Runtime(path, n_ctx=max(args.depth + n + 1, 129), threads=args.threads, sparse=mode,
+                     kv_type=args.kv_type)
+        runs.append((label, rt, bench.bench_tokens(rt, max(args.depth + n + 1, 128))))
     best: dict[str, list[float]] = {label: [] for label, _, _ in runs}
     for r in range(args.rounds):
         for label, rt, tokens in runs if r % 2 == 0 else runs[::-1]:
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.prompt:
                     ns = bench._timed(lambda: bench.run_prompt(rt, tokens[:n]))
                 else:
-                    ns = bench.run_decode(rt, tokens, n)
+                    ns = bench.run_decode(rt, tokens, n, depth=args.depth)
                 if k:
                     top = max(top, n / (ns * 1e-9))
             best[label].append(top)
