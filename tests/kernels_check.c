@@ -50,6 +50,17 @@ static void random_row(const ps_type_traits *ref, void *row, int64_t n, float *t
     }
 }
 
+/* sum of a[i * sa] * b[i * sb] over i < n in float64, and the sum of the products' magnitudes */
+static double dot64(const float *a, int64_t sa, const float *b, int64_t sb, int64_t n, double *mag) {
+    double sum = 0.0;
+    *mag = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        sum += (double)a[i * sa] * b[i * sb];
+        *mag += fabs((double)a[i * sa] * b[i * sb]);
+    }
+    return sum;
+}
+
 static int fail(const char *isa, const char *what, int type, int64_t n, double got, double want) {
     printf("%s FAIL %s type %d n %lld: %.9g vs %.9g\n", isa, what, type, (long long)n, got, want);
     return 1;
@@ -164,11 +175,8 @@ static int check_isa(int isa) {
         for (int64_t n = 1; n <= n_keys && !failed; n += 5) {
             ops->scores(x, kt ? row : (const void *)tmp, ldk, n, hd, k_type, y);
             for (int64_t t = 0; t < n && !failed; t++) {
-                double want = 0.0, mag = 0.0;
-                for (int64_t i = 0; i < hd; i++) {
-                    want += (double)x[i] * keys[t * ldk + i];
-                    mag += fabs((double)x[i] * keys[t * ldk + i]);
-                }
+                double mag;
+                const double want = dot64(x, 1, keys + t * ldk, 1, hd, &mag);
                 if (fabs(y[t] - want) > 1e-5 * mag + 1e-30) failed = fail(name, "scores", k_type, n, y[t], want);
             }
             checks += 1;
@@ -179,11 +187,8 @@ static int check_isa(int isa) {
         random_floats(w, n_keys);
         ops->weighted_sum(w, n_keys, row, ldk, k, PS_TYPE_F16, y);
         for (int64_t i = 0; i < k && !failed; i++) {
-            double want = 0.0, mag = 0.0;
-            for (int64_t t = 0; t < n_keys; t++) {
-                want += (double)w[t] * w2[t * ldk + i];
-                mag += fabs((double)w[t] * w2[t * ldk + i]);
-            }
+            double mag;
+            const double want = dot64(w, 1, w2 + i, ldk, n_keys, &mag);
             if (fabs(y[i] - want) > 1e-5 * mag + 1e-30) failed = fail(name, "weighted_sum", PS_TYPE_F16, k, y[i], want);
         }
         checks += 1;
