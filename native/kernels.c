@@ -553,23 +553,27 @@ INLINE int64_t whole_blocks(int64_t n, int type) {
 /* The int8 part of an ISA: its activation quantiser and a dot per integer type. */
 typedef float (*dot_q8_fn)(const void *row, const ps_q8_vec *x, int64_t n);
 typedef void (*dot4_q8_fn)(const void *const rows[4], const ps_q8_vec *x, int64_t n, float out[4]);
+typedef void (*dot8_q8_fn)(const void *const rows[8], const ps_q8_vec *x, int64_t n, float out[8]);
 typedef struct {
     void (*quantize)(const float *x, const ps_q8_vec *out, int64_t n);
     dot_q8_fn dot[PS_TYPE_COUNT]; /* NULL for the float types */
     dot4_q8_fn dot4[PS_TYPE_COUNT]; /* four rows at once; NULL where there is no such kernel */
+    dot8_q8_fn dot8[PS_TYPE_COUNT]; /* eight rows at once; NULL likewise */
 } q8_kernels;
 
-/* the table of an ISA; the last argument initialises its dot4 (four-row) entries */
+/* the table of an ISA; the last two arguments initialise its dot4 (four-row) and dot8
+ * (eight-row) entries */
 #define Q8_TABLE(isa, quantize, ...)                                                           \
     static const q8_kernels q8_##isa = {                                                       \
         quantize, { [PS_TYPE_Q8_0] = dot_q8_q8_0_##isa, [PS_TYPE_Q4_0] = dot_q8_q4_0_##isa,     \
                     [PS_TYPE_Q4_1] = dot_q8_q4_1_##isa },                                      \
         __VA_ARGS__                                                                            \
     };
-Q8_TABLE(scalar, quantize_q8_scalar, { NULL })
+Q8_TABLE(scalar, quantize_q8_scalar, { NULL }, { NULL })
 
 /* One ISA's int8 table: instantiates its generic dot_q8_<isa>(row, x, n_blocks, type) and, with
- * SIMD_Q8_DOT4, the Q4 types' four-row dots from its dot4_q8_<isa>(rows, x, n_blocks, type, out). */
+ * SIMD_Q8_DOT4 (SIMD_Q8_DOT8), the Q4 types' four-row (and eight-row) dots from its
+ * dot4_q8_<isa> (dot8_q8_<isa>)(rows, x, n_blocks, type, out). */
 #define SIMD_Q8_DOTS(TARGET, isa)                                                              \
     TARGET static float dot_q8_q8_0_##isa(const void *row, const ps_q8_vec *x, int64_t n) {    \
         return dot_q8_##isa(row, x, n / QK, PS_TYPE_Q8_0);                                     \
@@ -582,16 +586,25 @@ Q8_TABLE(scalar, quantize_q8_scalar, { NULL })
     }
 #define SIMD_Q8(TARGET, isa, quantize)                                                         \
     SIMD_Q8_DOTS(TARGET, isa)                                                                  \
-    Q8_TABLE(isa, quantize, { NULL })
+    Q8_TABLE(isa, quantize, { NULL }, { NULL })
+/* the Q4 types' R-row dots (R = 4 or 8) from an ISA's dot<R>_q8_<isa>(rows, x, n_blocks, type, out) */
+#define SIMD_Q8_ROWS_FN(TARGET, isa, R)                                                        \
+    TARGET static void dot##R##_q8_q4_0_##isa(const void *const rows[R], const ps_q8_vec *x, int64_t n, float out[R]) { \
+        dot##R##_q8_##isa(rows, x, n / QK, PS_TYPE_Q4_0, out);                                 \
+    }                                                                                          \
+    TARGET static void dot##R##_q8_q4_1_##isa(const void *const rows[R], const ps_q8_vec *x, int64_t n, float out[R]) { \
+        dot##R##_q8_##isa(rows, x, n / QK, PS_TYPE_Q4_1, out);                                 \
+    }
 #define SIMD_Q8_DOT4(TARGET, isa, quantize)                                                    \
     SIMD_Q8_DOTS(TARGET, isa)                                                                  \
-    TARGET static void dot4_q8_q4_0_##isa(const void *const rows[4], const ps_q8_vec *x, int64_t n, float out[4]) { \
-        dot4_q8_##isa(rows, x, n / QK, PS_TYPE_Q4_0, out);                                     \
-    }                                                                                          \
-    TARGET static void dot4_q8_q4_1_##isa(const void *const rows[4], const ps_q8_vec *x, int64_t n, float out[4]) { \
-        dot4_q8_##isa(rows, x, n / QK, PS_TYPE_Q4_1, out);                                     \
-    }                                                                                          \
-    Q8_TABLE(isa, quantize, { [PS_TYPE_Q4_0] = dot4_q8_q4_0_##isa, [PS_TYPE_Q4_1] = dot4_q8_q4_1_##isa })
+    SIMD_Q8_ROWS_FN(TARGET, isa, 4)                                                            \
+    Q8_TABLE(isa, quantize, { [PS_TYPE_Q4_0] = dot4_q8_q4_0_##isa, [PS_TYPE_Q4_1] = dot4_q8_q4_1_##isa }, { NULL })
+#define SIMD_Q8_DOT8(TARGET, isa, quantize)                                                    \
+    SIMD_Q8_DOTS(TARGET, isa)                                                                  \
+    SIMD_Q8_ROWS_FN(TARGET, isa, 4)                                                            \
+    SIMD_Q8_ROWS_FN(TARGET, isa, 8)                                                            \
+    Q8_TABLE(isa, quantize, { [PS_TYPE_Q4_0] = dot4_q8_q4_0_##isa, [PS_TYPE_Q4_1] = dot4_q8_q4_1_##isa }, \
+             { [PS_TYPE_Q4_0] = dot8_q8_q4_0_##isa, [PS_TYPE_Q4_1] = dot8_q8_q4_1_##isa })
 
 #if defined(__x86_64__)
 /* ---------------------------------------------------------------------------------------- */
@@ -1454,7 +1467,7 @@ TARGET_AVX512 INLINE __m512 q8_0_scales_avx512(const void *row, const ps_q8_vec 
             c += 2;                                                                            \
         }                                                                                      \
         if (c < nb) acc1 = q8_0_step_##isa(row, x, c, 0, acc1);                                \
-        return q8_finish_avx512(acc0, acc1, _mm256_setzero_ps(), _mm256_setzero_ps(), PS_TYPE_Q8_0); \
+        return q8_hsum_avx512(_mm512_add_ps(acc0, acc1));                                   \
     }
 
 
@@ -1482,51 +1495,33 @@ TARGET_AVX512 INLINE __m512 q8_scales4_avx512(const void *row, const ps_q8_vec *
                                  _mm512_castps256_ps512(prod));
 }
 
-/* The sum of a row's lanes, in a fixed tree (lanes i + i+8, then i + i+4, i + i+2, i + i+1),
- * plus its offset term (Q4_1's m s, Q4_0's -8 d s: the upper 4 lanes of off, summed in the
- * same tree); q8_finish4_avx512 forms four rows' sums with the same additions in the same
- * order, so dot4 gives dot's bits. */
-TARGET_AVX512 INLINE __m128 q8_lanes4_avx512(__m512 acc0, __m512 acc1) {
-    const __m512 v = _mm512_add_ps(acc0, acc1);
+/* The sum of a row's 16 lanes in a fixed tree: lanes i + i+8, then i + i+4, i + i+2, i + i+1.
+ * q8_hsum4_avx512 forms four rows' sums with the same additions in the same order, so a Q4
+ * type's dot4 gives its dot's bits. */
+TARGET_AVX512 INLINE float q8_hsum_avx512(__m512 v) {
     const __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-    return _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
-}
-
-TARGET_AVX512 INLINE __m128 q8_combine_avx512(__m128 sum, __m128 off, int type) {
-    if (type == PS_TYPE_Q4_0) return _mm_sub_ps(sum, _mm_mul_ps(_mm_set1_ps(8.0f), off));
-    if (type == PS_TYPE_Q4_1) return _mm_add_ps(sum, off);
-    return sum;
-}
-
-TARGET_AVX512 INLINE float q8_finish_avx512(__m512 acc0, __m512 acc1, __m256 off0, __m256 off1, int type) {
-    const __m128 h4 = q8_lanes4_avx512(acc0, acc1);
+    const __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
     const __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
-    const __m128 sum = _mm_add_ss(h2, _mm_movehdup_ps(h2));
-    const __m128 o4 = _mm256_extractf128_ps(_mm256_add_ps(off0, off1), 1);
-    const __m128 o2 = _mm_add_ps(o4, _mm_movehl_ps(o4, o4));
-    return _mm_cvtss_f32(q8_combine_avx512(sum, _mm_add_ss(o2, _mm_movehdup_ps(o2)), type));
+    return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
 }
 
-/* t[k] = (a[k], b[k], c[k], d[k]) */
-TARGET_AVX512 INLINE void transpose4_avx512(__m128 a, __m128 b, __m128 c, __m128 d, __m128 t[4]) {
-    const __m128 ab_lo = _mm_unpacklo_ps(a, b), ab_hi = _mm_unpackhi_ps(a, b);
-    const __m128 cd_lo = _mm_unpacklo_ps(c, d), cd_hi = _mm_unpackhi_ps(c, d);
-    t[0] = _mm_movelh_ps(ab_lo, cd_lo), t[1] = _mm_movehl_ps(cd_lo, ab_lo);
-    t[2] = _mm_movelh_ps(ab_hi, cd_hi), t[3] = _mm_movehl_ps(cd_hi, ab_hi);
+/* (sum of v0's lanes, ..., sum of v3's lanes), each in q8_hsum_avx512's tree: the 256-bit halves
+ * of two rows side by side, then their 128-bit quarters, then pairs within each quarter */
+TARGET_AVX512 INLINE __m128 q8_hsum4_avx512(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+    const __m512 t01 = _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x44), _mm512_shuffle_f32x4(v0, v1, 0xee));
+    const __m512 t23 = _mm512_add_ps(_mm512_shuffle_f32x4(v2, v3, 0x44), _mm512_shuffle_f32x4(v2, v3, 0xee));
+    const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t01, t23, 0x88), _mm512_shuffle_f32x4(t01, t23, 0xdd));
+    const __m512 w = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4e));      /* i + i+2 within quarters */
+    const __m512 z = _mm512_add_ps(w, _mm512_permute_ps(w, 0xb1));      /* i + i+1 */
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12), z));
 }
 
-TARGET_AVX512 INLINE void q8_finish4_avx512(const __m512 acc0[4], const __m512 acc1[4], const __m256 off0[4],
-                                            const __m256 off1[4], int type, float out[4]) {
-    __m128 t[4], o[4];
-    transpose4_avx512(q8_lanes4_avx512(acc0[0], acc1[0]), q8_lanes4_avx512(acc0[1], acc1[1]),
-                      q8_lanes4_avx512(acc0[2], acc1[2]), q8_lanes4_avx512(acc0[3], acc1[3]), t);
-    __m128 sum = _mm_add_ps(_mm_add_ps(t[0], t[2]), _mm_add_ps(t[1], t[3])), off = _mm_setzero_ps();
-    if (type != PS_TYPE_Q8_0) {
-        _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) o[r] = _mm256_extractf128_ps(_mm256_add_ps(off0[r], off1[r]), 1);
-        transpose4_avx512(o[0], o[1], o[2], o[3], t);
-        off = _mm_add_ps(_mm_add_ps(t[0], t[2]), _mm_add_ps(t[1], t[3]));
-    }
-    _mm_storeu_ps(out, q8_combine_avx512(sum, off, type));
+/* A Q4 row's accumulator with its offset terms (the upper 4 lanes of off: Q4_1's m s, Q4_0's
+ * d s, which counts -8 times) added into lanes 4-7 */
+TARGET_AVX512 INLINE __m512 q4_with_offsets_avx512(__m512 acc, __m256 off, int type) {
+    const __m512 o = _mm512_castps256_ps512(off);
+    return type == PS_TYPE_Q4_0 ? _mm512_mask3_fmadd_ps(o, _mm512_set1_ps(-8.0f), acc, 0xf0)
+                                : _mm512_mask_add_ps(acc, 0xf0, acc, o);
 }
 
 /* word indices that gather four consecutive Q4 blocks' 16 code bytes each into 128-bit lanes
@@ -1543,9 +1538,14 @@ TARGET_AVX512 INLINE __m512i q4_code_words(int type) {
     return _mm512_add_epi16(within, _mm512_or_si512(base, _mm512_slli_epi32(base, 16)));
 }
 
-/* Generic int8 dot over nb blocks, four per step: two integer dots of two blocks each (8 int32
- * lanes per block), folded to 4 lanes per block by two 128-bit-lane shuffles and an add,
- * converted and scaled (q8_scales4_avx512); eight per loop into two accumulators. */
+/* Generic int8 dot over nb blocks. Q8_0: DOT_Q8_0_AVX512. The Q4 types: four blocks per step
+ * (q4_quad: one word permute, two integer dots), converted and scaled (q8_scales4_avx512) into
+ * one accumulator per row, the offset terms into another (a step costs more cycles than its
+ * fma's latency, so a second accumulator hides nothing). dot4 / dot8 run four / eight rows'
+ * steps side by side, x's loads and shuffles shared. Eight rows per call, not four, because a
+ * call's start (loads to the first fma) and its sums' reduction are latency chains that the
+ * next call hardly overlaps: 576-column Q4_1 rows (SmolLM2's q/k/v/o/gate/up) in cache,
+ * native/bench/bench_kernels on Zen 5: dot4 42.9, dot8 50.9 GB/s; 1536 columns 59-61 either way. */
 #define DOT_Q8_AVX512(TARGET, isa, MUL_SUM, MUL_ACC)                                           \
     DOT_Q8_0_AVX512(TARGET, isa, MUL_SUM)                                                      \
     /* Q4 blocks c..c+3 (left of them; nothing past them is read): 128-bit lane k holds block    \
@@ -1576,56 +1576,56 @@ TARGET_AVX512 INLINE __m512i q4_code_words(int type) {
     }                                                                                          \
     TARGET INLINE float dot_q8_##isa(const void *row, const ps_q8_vec *x, int64_t nb, int type) { \
         if (type == PS_TYPE_Q8_0) return q8_0_dot_##isa(row, x, nb);                           \
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                         \
-        __m256 off0 = _mm256_setzero_ps(), off1 = _mm256_setzero_ps();                         \
+        __m512 acc = _mm512_setzero_ps();                                                      \
+        __m256 off = _mm256_setzero_ps();                                                      \
         int64_t c = 0;                                                                         \
-        for (; c + 8 <= nb; c += 8) {                                                          \
-            acc0 = q8_step4_##isa(row, x, c, type, 4, acc0, &off0);                            \
-            acc1 = q8_step4_##isa(row, x, c + 4, type, 4, acc1, &off1);                        \
-        }                                                                                      \
-        if (c + 4 <= nb) {                                                                     \
-            acc0 = q8_step4_##isa(row, x, c, type, 4, acc0, &off0);                            \
-            c += 4;                                                                            \
-        }                                                                                      \
+        for (; c + 4 <= nb; c += 4) acc = q8_step4_##isa(row, x, c, type, 4, acc, &off);       \
         switch (nb - c) {                                                                      \
-        case 3: acc1 = q8_step4_##isa(row, x, c, type, 3, acc1, &off1); break;                 \
-        case 2: acc1 = q8_step4_##isa(row, x, c, type, 2, acc1, &off1); break;                 \
-        case 1: acc1 = q8_step4_##isa(row, x, c, type, 1, acc1, &off1); break;                 \
+        case 3: acc = q8_step4_##isa(row, x, c, type, 3, acc, &off); break;                    \
+        case 2: acc = q8_step4_##isa(row, x, c, type, 2, acc, &off); break;                    \
+        case 1: acc = q8_step4_##isa(row, x, c, type, 1, acc, &off); break;                    \
         }                                                                                      \
-        return q8_finish_avx512(acc0, acc1, off0, off1, type);                                 \
+        return q8_hsum_avx512(q4_with_offsets_avx512(acc, off, type));                         \
+    }                                                                                          \
+    /* R = 4 or 8 rows at once, each row's steps as in dot_q8 (x's loads and shuffles shared) */ \
+    TARGET INLINE void dotr_q8_##isa(const void *const *rows, const ps_q8_vec *x, int64_t nb, int type, int R, \
+                                     float *out) {                                             \
+        __m512 acc[8];                                                                         \
+        __m256 off[8];                                                                         \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                  \
+            acc[r] = _mm512_setzero_ps();                                                      \
+            off[r] = _mm256_setzero_ps();                                                      \
+        }                                                                                      \
+        int64_t c = 0;                                                                         \
+        for (; c + 4 <= nb; c += 4)                                                            \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                \
+                acc[r] = q8_step4_##isa(rows[r], x, c, type, 4, acc[r], &off[r]);              \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                    \
+            switch (nb - c) {                                                                  \
+            case 3: acc[r] = q8_step4_##isa(rows[r], x, c, type, 3, acc[r], &off[r]); break;   \
+            case 2: acc[r] = q8_step4_##isa(rows[r], x, c, type, 2, acc[r], &off[r]); break;   \
+            case 1: acc[r] = q8_step4_##isa(rows[r], x, c, type, 1, acc[r], &off[r]); break;   \
+            }                                                                                  \
+        _Pragma("GCC unroll 2") for (int r = 0; r < R; r += 4)                                 \
+            _mm_storeu_ps(out + r, q8_hsum4_avx512(q4_with_offsets_avx512(acc[r], off[r], type), \
+                                                   q4_with_offsets_avx512(acc[r + 1], off[r + 1], type), \
+                                                   q4_with_offsets_avx512(acc[r + 2], off[r + 2], type), \
+                                                   q4_with_offsets_avx512(acc[r + 3], off[r + 3], type))); \
     }                                                                                          \
     TARGET INLINE void dot4_q8_##isa(const void *const rows[4], const ps_q8_vec *x, int64_t nb, int type, \
                                      float out[4]) {                                           \
-        __m512 acc0[4], acc1[4];                                                               \
-        __m256 off0[4], off1[4];                                                               \
-        _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) {                                                          \
-            acc0[r] = acc1[r] = _mm512_setzero_ps();                                           \
-            off0[r] = off1[r] = _mm256_setzero_ps();                                           \
-        }                                                                                      \
-        int64_t c = 0;                                                                         \
-        for (; c + 8 <= nb; c += 8)                                                            \
-            _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) {                                                      \
-                acc0[r] = q8_step4_##isa(rows[r], x, c, type, 4, acc0[r], &off0[r]);           \
-                acc1[r] = q8_step4_##isa(rows[r], x, c + 4, type, 4, acc1[r], &off1[r]);       \
-            }                                                                                  \
-        if (c + 4 <= nb) {                                                                     \
-            _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) acc0[r] = q8_step4_##isa(rows[r], x, c, type, 4, acc0[r], &off0[r]); \
-            c += 4;                                                                            \
-        }                                                                                      \
-        _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++)                                                            \
-            switch (nb - c) {                                                                  \
-            case 3: acc1[r] = q8_step4_##isa(rows[r], x, c, type, 3, acc1[r], &off1[r]); break; \
-            case 2: acc1[r] = q8_step4_##isa(rows[r], x, c, type, 2, acc1[r], &off1[r]); break; \
-            case 1: acc1[r] = q8_step4_##isa(rows[r], x, c, type, 1, acc1[r], &off1[r]); break; \
-            }                                                                                  \
-        q8_finish4_avx512(acc0, acc1, off0, off1, type, out);                                  \
+        dotr_q8_##isa(rows, x, nb, type, 4, out);                                              \
+    }                                                                                          \
+    TARGET INLINE void dot8_q8_##isa(const void *const rows[8], const ps_q8_vec *x, int64_t nb, int type, \
+                                     float out[8]) {                                           \
+        dotr_q8_##isa(rows, x, nb, type, 8, out);                                              \
     }
 
 TARGET_AVX512 INLINE __m512i mul_acc_avx512(__m512i acc, __m512i u, __m512i s) {
     return _mm512_add_epi32(acc, mul_sum_avx512(u, s));
 }
 DOT_Q8_AVX512(TARGET_AVX512, avx512, mul_sum_avx512, mul_acc_avx512)
-SIMD_Q8_DOT4(TARGET_AVX512, avx512, quantize_q8_avx512)
+SIMD_Q8_DOT8(TARGET_AVX512, avx512, quantize_q8_avx512)
 
 #define TARGET_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 TARGET_AVX512_VNNI INLINE __m512i mul_sum_avx512_vnni(__m512i u, __m512i s) {
@@ -1635,7 +1635,7 @@ TARGET_AVX512_VNNI INLINE __m512i mul_acc_avx512_vnni(__m512i acc, __m512i u, __
     return _mm512_dpbusd_epi32(acc, u, s);
 }
 DOT_Q8_AVX512(TARGET_AVX512_VNNI, avx512_vnni, mul_sum_avx512_vnni, mul_acc_avx512_vnni)
-SIMD_Q8_DOT4(TARGET_AVX512_VNNI, avx512_vnni, quantize_q8_avx512)
+SIMD_Q8_DOT8(TARGET_AVX512_VNNI, avx512_vnni, quantize_q8_avx512)
 
 /* ps_f32_to_bf16 on 16 lanes (integer steps, not vcvtneps2bf16, so every ISA rounds alike) */
 TARGET_AVX512 static void to_bf16_avx512(const float *x, uint16_t *out, int64_t n) {
@@ -2151,7 +2151,7 @@ static void init_tables(void) {
             const kernel_row *k = &isa_kernels[isa][t];
             traits[isa][t] = (ps_type_traits){ layouts[t].name, layouts[t].block_size, layouts[t].block_bytes,
                                                k->to_float, layouts[t].from_float, k->dot, k->axpy,
-                                               k->axpy4, isa_q8[isa]->dot[t], isa_q8[isa]->dot4[t],
+                                               k->axpy4, isa_q8[isa]->dot[t], isa_q8[isa]->dot4[t], isa_q8[isa]->dot8[t],
                                                t == PS_TYPE_BF16 ? isa_dot_bf16[isa] : NULL };
         }
     }

@@ -73,11 +73,17 @@ typedef struct {
      * scales (+ the Q4 offset term); x from ps_quantize_q8. NULL for the float types. */
     float (*dot_q8)(const void *row, const ps_q8_vec *x, int64_t n);
     /* out[r] = dot_q8(rows[r], x, n) for r < 4, the same bits; x's loads and shuffles are
-     * shared and the four sums formed together (a mat-vec calls it per four rows; AVX-512 VNNI
-     * Q4_1 in cache, native/bench/bench_kernels: 44.8 against dot_q8's 32.0 GB/s). NULL where
+     * shared and the four sums formed together (AVX-512 VNNI Q4_1 in cache,
+     * native/bench/bench_kernels: 42.9 against dot_q8's 32.3 GB/s). NULL where
      * there is no such kernel (AVX-512 and AVX2 have one for Q4_0 and Q4_1; Q8_0's ran slower from
      * memory than one row at a time): call dot_q8 per row. */
     void  (*dot4_q8)(const void *const rows[4], const ps_q8_vec *x, int64_t n, float out[4]);
+    /* out[r] = dot_q8(rows[r], x, n) for r < 8, the same bits, as dot4_q8 for eight rows: half
+     * the calls, each with twice the independent work to overlap its start and its sums'
+     * reduction (50.9 GB/s where dot4_q8 has 42.9). A mat-vec calls it per eight rows, then
+     * dot4_q8 and dot_q8 for the rest. NULL where there is no such kernel (AVX-512 has one for
+     * Q4_0 and Q4_1). */
+    void  (*dot8_q8)(const void *const rows[8], const ps_q8_vec *x, int64_t n, float out[8]);
     /* BF16 rows with bf16 activations (x from ps_f32_ops.to_bf16), as llama.cpp multiplies BF16
      * weights: returns sum_i row[i] * x[i], each pair of products exact and added in f32 by
      * vdpbf16ps. Only the AVX512_BF16 level has it (its BF16 row); NULL elsewhere. */

@@ -200,6 +200,32 @@ static inline void prefetch_first_rows(const char *base, size_t row_bytes, const
     prefetch_first_rows_slice(base, row_bytes, row_bytes, idx, j0, j1, PREFETCH_AHEAD);
 }
 
+/* Rows *j.. of a target in groups of R (8: dot8_q8, 4: dot4_q8), as many whole groups as fit
+ * before j1; *j moves past them. Each row's prefetch is asked for as in matmul_rows's loop. */
+static inline void matmul_rows_q8(const matmul_target *t, const ps_type_traits *tt, int R, const ps_q8_vec *xq,
+                                  int64_t *j, int64_t j1) {
+    const ps_tensor *w = t->w;
+    const int64_t n = w->ne0, rows = w->ne1;
+    const size_t row_bytes = ps_row_bytes(w->type, n);
+    const char *base = (const char *)w->data, *end = base + (size_t)rows * row_bytes;
+    for (; *j + R <= j1; *j += R) {
+        const void *row[8];
+        int64_t r[8];
+        float o[8];
+        for (int q = 0; q < R; q++) {
+            r[q] = t->rows ? t->rows[*j + q] : *j + q;
+            row[q] = base + (size_t)r[q] * row_bytes;
+            if (t->rows && *j + q + PREFETCH_AHEAD < t->n_rows)
+                prefetch_row(base + (size_t)t->rows[*j + q + PREFETCH_AHEAD] * row_bytes, row_bytes);
+            else if (!t->rows && end - (const char *)row[q] >= PREFETCH_BYTES + (ptrdiff_t)row_bytes)
+                prefetch_stream((const char *)row[q] + PREFETCH_BYTES, row_bytes);
+        }
+        if (R == 8) tt->dot8_q8(row, xq, n, o);
+        else        tt->dot4_q8(row, xq, n, o);
+        for (int q = 0; q < R; q++) t->out[r[q]] = o[q];
+    }
+}
+
 /* Rows j0..j1 of a target. One token: a dot per row, integer when the type has an integer
  * kernel and in_q8 is given, bf16 when the type has a bf16 dot and in_bf16 is given. A batch:
  * BF16 rows with in_bf16 through the bf16 GEMM; F32 rows, and F16 / BF16 ones where the GEMM
@@ -218,24 +244,11 @@ static void matmul_rows(const matmul_target *t, const float *in, const ps_q8_vec
         const char *end = base + (size_t)rows * row_bytes;
         if (t->rows) prefetch_first_rows(base, row_bytes, t->rows, j0, j1);
         int64_t j = j0;
-        /* (the prefetch lines are written out in both loops: the same lines in an inline
-         * helper compiled to a loop 20-25% slower in decode, cause not found) */
-        if (xq && tt->dot4_q8)   /* four rows per call where the type has a four-row kernel */
-            for (; j + 4 <= j1; j += 4) {
-                const void *row[4];
-                int64_t r[4];
-                for (int q = 0; q < 4; q++) {
-                    r[q] = t->rows ? t->rows[j + q] : j + q;
-                    row[q] = base + (size_t)r[q] * row_bytes;
-                    if (t->rows && j + q + PREFETCH_AHEAD < t->n_rows)
-                        prefetch_row(base + (size_t)t->rows[j + q + PREFETCH_AHEAD] * row_bytes, row_bytes);
-                    else if (!t->rows && end - (const char *)row[q] >= PREFETCH_BYTES + (ptrdiff_t)row_bytes)
-                        prefetch_stream((const char *)row[q] + PREFETCH_BYTES, row_bytes);
-                }
-                float o[4];
-                tt->dot4_q8(row, xq, n, o);
-                for (int q = 0; q < 4; q++) t->out[r[q]] = o[q];
-            }
+        /* eight rows per call, then four, where the type has such kernels (the prefetch lines
+         * are written out in matmul_rows_q8's loop and in the one below: the same lines in an
+         * inline helper of their own compiled to a loop 20-25% slower in decode, cause not found) */
+        if (xq && tt->dot8_q8) matmul_rows_q8(t, tt, 8, xq, &j, j1);
+        if (xq && tt->dot4_q8) matmul_rows_q8(t, tt, 4, xq, &j, j1);
         for (; j < j1; j++) {
             const int64_t r = t->rows ? t->rows[j] : j;
             const char *row = base + (size_t)r * row_bytes;

@@ -552,22 +552,27 @@ def test_simd_dot_q8_matches_scalar(isa_name, name, heap):
 
 @pytest.mark.parametrize("isa_name", ISAS)
 @pytest.mark.parametrize("name", QUANTISED)
-def test_dot4_q8_gives_dot_q8s_bits(isa_name, name, heap):
-    """dot4_q8, where an isa has it, is four dot_q8 calls bit for bit: a mat-vec's rows give the
-    same results whichever way its chunks fall (threads) and wherever a take's rows start."""
+@pytest.mark.parametrize("width", [4, 8])
+def test_dot4_and_dot8_q8_give_dot_q8s_bits(isa_name, name, width, heap):
+    """dot4_q8 (dot8_q8), where an isa has it, is four (eight) dot_q8 calls bit for bit: a
+    mat-vec's rows give the same results whichever way its chunks fall (threads) and wherever a
+    take's rows start."""
     isa = require_isa(isa_name)
     t = traits(name, isa)
-    if t.dot4_q8 == ffi.NULL:
-        assert isa_name not in ("avx2", "avx2_vnni", *X86_AVX512) or name == "q8_0"
+    kernel = t.dot4_q8 if width == 4 else t.dot8_q8
+    if kernel == ffi.NULL:
+        has = ("avx2", "avx2_vnni", *X86_AVX512) if width == 4 else X86_AVX512
+        assert isa_name not in has or name == "q8_0"
         return
+    assert name != "q8_0" and (width == 4 or t.dot4_q8 != ffi.NULL)
     rng = np.random.default_rng(19)
     for nb in Q8_BLOCK_COUNTS + [4, 8, 12, 16, 36, 48]:
         n = 32 * nb
-        rows = [random_row(name, n, rng, heap) for _ in range(4)]
+        rows = [random_row(name, n, rng, heap) for _ in range(width)]
         vec, _ = quantize_q8(isa, q8_activation_cases(rng, nb), heap)
-        ptrs = ffi.new("void *[4]", [heap.put(r, "void *") for r in rows])
-        out = ffi.new("float[4]")
-        t.dot4_q8(ptrs, vec, n, out)
+        ptrs = ffi.new(f"void *[{width}]", [heap.put(r, "void *") for r in rows])
+        out = ffi.new(f"float[{width}]")
+        kernel(ptrs, vec, n, out)
         singles = np.array([dot_q8(t, r, vec, n, heap) for r in rows], dtype=np.float32)
         assert np.array_equal(np.array(list(out), dtype=np.float32).view(np.uint32), singles.view(np.uint32)), nb
 

@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <time.h>
 
-enum { DOT, AXPY, AXPY4, DOT_Q8, DOT4_Q8, DOT_BF16 };
+enum { DOT, AXPY, AXPY4, DOT_Q8, DOT4_Q8, DOT8_Q8, DOT_BF16 };
 
 static uint16_t *x_bf16;   /* (cols) x rounded to bf16, for DOT_BF16 */
 
@@ -34,13 +34,15 @@ static double time_pass(const ps_type_traits *t, int isa, int kernel, const char
         do {
             if (kernel == DOT_Q8) ps_quantize_q8_isa(isa, x, xq, cols);
             if (kernel == DOT_BF16) ps_f32_ops_for(isa)->to_bf16(x, x_bf16, cols);
-            if (kernel == DOT4_Q8) {   /* rows in fours, as the mat-vec calls it */
-                for (int r = 0; r + 4 <= rows; r += 4) {
-                    const void *rs[4] = { w + r * row_bytes, w + (r + 1) * row_bytes, w + (r + 2) * row_bytes,
-                                          w + (r + 3) * row_bytes };
-                    float out[4];
-                    t->dot4_q8(rs, xq, cols, out);
-                    y[r % cols] += out[0] + out[1] + out[2] + out[3];
+            if (kernel == DOT4_Q8 || kernel == DOT8_Q8) {   /* rows in fours (eights), as the mat-vec calls it */
+                const int width = kernel == DOT4_Q8 ? 4 : 8;
+                for (int r = 0; r + width <= rows; r += width) {
+                    const void *rs[8];
+                    float out[8];
+                    for (int q = 0; q < width; q++) rs[q] = w + (size_t)(r + q) * row_bytes;
+                    if (width == 4) t->dot4_q8(rs, xq, cols, out);
+                    else            t->dot8_q8(rs, xq, cols, out);
+                    for (int q = 0; q < width; q++) y[r % cols] += out[q];
                 }
                 passes++;
                 continue;
@@ -87,10 +89,10 @@ int main(int argc, char **argv) {
     for (int i = 0; i < cols; i++) x[i] = (float)(i % 13) - 6.0f;
 
     printf("%d x %d, GB/s of weights: dot / axpy / axpy4 / dot_q8 (integer types; BF16: dot_bf16 where an ISA has "
-           "it) / dot4_q8 (where an ISA has it)\n%-6s",
+           "it) / dot4_q8 / dot8_q8 (where an ISA has them)\n%-6s",
            rows, cols, "");
     for (int isa = 0; isa < PS_ISA_COUNT; isa++)
-        if (ps_kernels_isa_available(isa)) printf(" %33s", ps_kernels_isa_name(isa));
+        if (ps_kernels_isa_available(isa)) printf(" %53s", ps_kernels_isa_name(isa));
     printf("\n");
     for (size_t k = 0; k < sizeof(types) / sizeof(types[0]); k++) {
         const ps_type_traits *ref = ps_type_traits_for(types[k], PS_ISA_SCALAR);
@@ -109,6 +111,8 @@ int main(int argc, char **argv) {
             else if (t->dot_bf16) printf(" / %6.1f", gb / time_pass(t, isa, DOT_BF16, w, row_bytes, rows, cols, x, &xq, y));
             else                  printf("   %6s", "-");
             if (t->dot4_q8) printf(" / %6.1f", gb / time_pass(t, isa, DOT4_Q8, w, row_bytes, rows, cols, x, &xq, y));
+            else            printf("   %6s", "-");
+            if (t->dot8_q8) printf(" / %6.1f", gb / time_pass(t, isa, DOT8_Q8, w, row_bytes, rows, cols, x, &xq, y));
             else            printf("   %6s", "-");
         }
         printf("\n");
