@@ -107,6 +107,26 @@ def test_long_prompt_matches_transformers(tmp_path):
         assert rel_err(rt.evaluate(prompt), hf_logits(model, prompt)) <= 1e-4
 
 
+@pytest.mark.parametrize("kv_type,tol", [("f32", 1e-4), ("f16", 5e-3)])
+def test_decoding_past_one_attention_span_matches_transformers_on_any_thread_count(tmp_path, kv_type, tol):
+    """One token's attention is split into spans of 128 positions, each scored for all the query
+    heads sharing a KV head (here 6 heads on 2), and the spans merged: decoding 300 tokens one
+    at a time (1, 2 and 3 spans, both boundaries crossed) matches transformers, and 1 to 3
+    threads give the same bits (the spans are fixed by position, not by thread count)."""
+    model = tiny_llama(K.ACT_SILU, seed=6, n_embd=96, n_head=6, n_head_kv=2)
+    path = to_gguf(model, tmp_path / "m.gguf")
+    prompt = [(17 * i + 9) % 320 for i in range(300)]
+    ref = hf_logits(model, prompt)
+    results = []
+    for threads in (1, 2, 3):
+        with Runtime(path, n_ctx=320, threads=threads, activations="f32", kv_type=kv_type) as rt:
+            results.append(rt.evaluate(prompt, sequential=True))
+    for i in (0, 127, 128, 129, 255, 256, 257, 299):
+        assert rel_err(results[0][i], ref[i]) <= tol, i
+    for later in results[1:]:
+        np.testing.assert_array_equal(later, results[0])
+
+
 def test_cached_prefix_is_reused_and_gives_the_same_logits(tmp_path):
     model = tiny_llama(K.ACT_SILU, seed=4)
     path = to_gguf(model, tmp_path / "m.gguf")

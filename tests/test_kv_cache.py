@@ -34,8 +34,9 @@ def test_f16_cache_stays_close_to_transformers(tmp_path):
 
 @pytest.mark.parametrize("mode", ["dense", "exact"])
 def test_f16_cache_decodes_like_its_prompt_and_the_same_on_any_thread_count(tmp_path, mode):
-    """One token at a time reads the same f16 rows a prompt wrote; attention splits work by head,
-    so 1 to 3 threads give the same bits."""
+    """One token at a time reads the same f16 rows a prompt wrote; attention splits work by head
+    (a prompt) or by KV head and span of positions (one token), never by thread count, so 1 to 3
+    threads give the same bits."""
     model = tiny_llama(K.ACT_RELU, seed=22)
     path = to_gguf(model, tmp_path / "m.gguf", "q8_0", K.ACT_RELU)
     results = []
