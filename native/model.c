@@ -142,6 +142,8 @@ typedef struct {
     float *out;                  /* (batch, w->ne1) */
     const int32_t *rows;         /* rows to compute, or NULL for all of them (batch 1 only) */
     int64_t n_rows;              /* length of rows[], or w->ne1 */
+    const ps_tensor *next;       /* the matrix streamed after this one, whose first bytes are
+                                  * prefetched while this one's last rows are read; or NULL */
 } matmul_target;
 
 typedef struct {
@@ -160,11 +162,11 @@ typedef struct {
 } matmul_job;
 
 static matmul_target all_rows(const ps_tensor *w, float *out) {
-    return (matmul_target){ w, out, NULL, w->ne1 };
+    return (matmul_target){ w, out, NULL, w->ne1, NULL };
 }
 
 static matmul_target some_rows(const ps_tensor *w, float *out, const int32_t *rows, int64_t n_rows) {
-    return (matmul_target){ w, out, rows, n_rows };
+    return (matmul_target){ w, out, rows, n_rows, NULL };
 }
 
 /* Gathered rows (the sparse FFN's active neurons) defeat the hardware prefetcher, which follows
@@ -190,6 +192,19 @@ static inline void prefetch_row(const char *row, size_t bytes) {
  * does, made default-model decode 5% slower on one thread) */
 static inline void prefetch_stream(const char *row, size_t bytes) {
     for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 0);
+}
+
+/* A streamed row's prefetch window (PREFETCH_BYTES past its start, `bytes` long) where it runs
+ * past the end of its matrix, `left` bytes after the row's start: the part still in the
+ * matrix, then the rest from the start of the matrix read next (next: NULL for none). Without
+ * it each of a token's ~200 mat-vecs started on lines nothing had asked for. */
+static void prefetch_across(const char *row, ptrdiff_t left, size_t bytes, const ps_tensor *next) {
+    const size_t next_bytes = next ? ps_row_bytes(next->type, next->ne0) * (size_t)next->ne1 : 0;
+    for (size_t off = 0; off < bytes; off += 64) {
+        const ptrdiff_t at = PREFETCH_BYTES + (ptrdiff_t)off;
+        if (at < left) __builtin_prefetch(row + at, 0, 0);
+        else if ((size_t)(at - left) < next_bytes) __builtin_prefetch((const char *)next->data + (at - left), 0, 0);
+    }
 }
 
 /* the first `bytes` of rows idx[j0 .. j0 + ahead) of base (rows row_bytes apart), the ones a
@@ -222,6 +237,8 @@ static inline void matmul_rows_q8(const matmul_target *t, const ps_type_traits *
                 prefetch_row(base + (size_t)t->rows[*j + q + PREFETCH_AHEAD] * row_bytes, row_bytes);
             else if (!t->rows && end - (const char *)row[q] >= PREFETCH_BYTES + (ptrdiff_t)row_bytes)
                 prefetch_stream((const char *)row[q] + PREFETCH_BYTES, row_bytes);
+            else if (!t->rows)
+                prefetch_across((const char *)row[q], end - (const char *)row[q], row_bytes, t->next);
         }
         if (R == 8) tt->dot8_q8(row, xq, n, o);
         else        tt->dot4_q8(row, xq, n, o);
@@ -259,6 +276,8 @@ static void matmul_rows(const matmul_target *t, const float *in, const ps_q8_vec
                 prefetch_row(base + (size_t)t->rows[j + PREFETCH_AHEAD] * row_bytes, row_bytes);
             else if (!t->rows && end - row >= PREFETCH_BYTES + (ptrdiff_t)row_bytes)
                 prefetch_stream(row + PREFETCH_BYTES, row_bytes);
+            else if (!t->rows)
+                prefetch_across(row, end - row, row_bytes, t->next);
             t->out[r] = xq ? tt->dot_q8(row, xq, n) : xb16 ? tt->dot_bf16(row, xb16, n) : tt->dot(row, in, n);
         }
         return;
@@ -340,12 +359,16 @@ static const uint16_t *bf16_input(const ps_model *m, const matmul_target *target
     return m->in_bf16;
 }
 
-static void matmul(ps_model *m, const matmul_target *targets, int n_targets, mat_input *in, int batch) {
+/* The targets in one job, each streamed on into the next when that one reads all its rows, the
+ * last into `next` (the matrix the forward pass reads after them, or NULL) */
+static void matmul_then(ps_model *m, const matmul_target *targets, int n_targets, mat_input *in, int batch,
+                        const ps_tensor *next) {
     matmul_job job = { .m = m, .n_targets = n_targets, .in = in->f32, .batch = batch,
                        .in_q8 = q8_input(m, targets, n_targets, in, batch),
                        .in_bf16 = bf16_input(m, targets, n_targets, in->f32, batch) };
     for (int i = 0; i < n_targets; i++) {
         job.t[i] = targets[i];
+        job.t[i].next = i + 1 < n_targets ? (targets[i + 1].rows ? NULL : targets[i + 1].w) : next;
         job.total_rows += targets[i].n_rows;
     }
     if (job.total_rows == 0) return;
@@ -354,9 +377,17 @@ static void matmul(ps_model *m, const matmul_target *targets, int n_targets, mat
     ps_threadpool_run(m->pool, matmul_task, &job);
 }
 
-static void matvec1(ps_model *m, const ps_tensor *w, float *out, mat_input *in, int batch) {
+static void matmul(ps_model *m, const matmul_target *targets, int n_targets, mat_input *in, int batch) {
+    matmul_then(m, targets, n_targets, in, batch, NULL);
+}
+
+static void matvec1_then(ps_model *m, const ps_tensor *w, float *out, mat_input *in, int batch, const ps_tensor *next) {
     matmul_target t = all_rows(w, out);
-    matmul(m, &t, 1, in, batch);
+    matmul_then(m, &t, 1, in, batch, next);
+}
+
+static void matvec1(ps_model *m, const ps_tensor *w, float *out, mat_input *in, int batch) {
+    matvec1_then(m, w, out, in, batch, NULL);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -760,10 +791,10 @@ static void count_neurons(int64_t *counts, const int32_t *neurons, int64_t n) {
 }
 
 static void ffn_dense(ps_model *m, const ps_layer_weights *l, mat_input *xb, int batch, ps_layer_stats *st,
-                      int64_t *counts) {
+                      int64_t *counts, const ps_tensor *next) {
     const ps_config *c = &m->c;
     matmul_target gate_up[2] = { all_rows(&l->ffn_gate, m->hb), all_rows(&l->ffn_up, m->hb2) };
-    matmul(m, gate_up, 2, xb, batch);
+    matmul_then(m, gate_up, 2, xb, batch, l->ffn_down.data ? &l->ffn_down : NULL);
     const int64_t n = (int64_t)batch * c->n_ff;
     if (counts)   /* from the raw gates, before gate_task multiplies in up (which could be 0) */
         for (int b = 0; b < batch; b++)
@@ -778,7 +809,7 @@ static void ffn_dense(ps_model *m, const ps_layer_weights *l, mat_input *xb, int
         st->n_computed += n;
     }
     mat_input hin = input_of(m->hb, &m->hb_q8);
-    if (l->ffn_down.data) matvec1(m, &l->ffn_down, m->xb2, &hin, batch);
+    if (l->ffn_down.data) matvec1_then(m, &l->ffn_down, m->xb2, &hin, batch, next);
     else down_t_product(m, &l->ffn_down_t, m->hb, batch, NULL, c->n_ff, m->xb2);
 }
 
@@ -832,6 +863,16 @@ static void ffn_predictor(ps_model *m, const ps_layer_weights *l, mat_input *xb,
     ffn_sparse_tail(m, l, xb, m->neurons, n);
 }
 
+/* the first matrix layer L + 1 reads (the head's after the last layer) */
+static const ps_tensor *next_layer_weights(const ps_model *m, int L) {
+    return L + 1 < m->c.n_layer ? &m->layers[L + 1].wq : &m->output;
+}
+
+/* the first matrix the feed-forward reads whole, one token in the model's sparse mode */
+static const ps_tensor *ffn_first_weights(const ps_model *m, const ps_layer_weights *l, int batch) {
+    return batch == 1 && m->sparse_mode == PS_SPARSE_PREDICTOR ? &l->fc1 : &l->ffn_gate;
+}
+
 static void ffn(ps_model *m, int L, int batch) {
     const ps_layer_weights *l = &m->layers[L];
     ps_layer_stats *st = m->stats_on ? &m->stats[L] : NULL;
@@ -839,7 +880,7 @@ static void ffn(ps_model *m, int L, int batch) {
     mat_input xb = input_of(m->xb, &m->xb_q8);
     if (batch == 1 && m->sparse_mode == PS_SPARSE_PREDICTOR) ffn_predictor(m, l, &xb, m->pred_threshold[L], st, counts);
     else if (batch == 1 && m->sparse_mode == PS_SPARSE_EXACT) ffn_exact(m, l, &xb, st, counts);
-    else ffn_dense(m, l, &xb, batch, st, counts);
+    else ffn_dense(m, l, &xb, batch, st, counts, next_layer_weights(m, L));
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -869,7 +910,7 @@ static void forward_chunk(ps_model *m, const int32_t *tokens, int batch, int pos
             rmsnorm(m->xb + (int64_t)b * dim, m->x + (int64_t)b * dim, &l->attn_norm, dim, c->rms_eps, tmp);
         matmul_target qkv[3] = { all_rows(&l->wq, m->q), all_rows(&l->wk, m->k), all_rows(&l->wv, m->v) };
         mat_input xb = input_of(m->xb, &m->xb_q8);
-        matmul(m, qkv, 3, &xb, batch);
+        matmul_then(m, qkv, 3, &xb, batch, &l->wo);
         for (int b = 0; b < batch; b++) {
             const int pos = pos0 + b;
             rope_angles(m, pos, m->rope_cos_sin);
@@ -885,7 +926,7 @@ static void forward_chunk(ps_model *m, const int32_t *tokens, int batch, int pos
         for (int h = 0; h < c->n_head_kv; h++) atomic_store_explicit(&m->att_done[h], 0, memory_order_relaxed);
         ps_threadpool_run(m->pool, attention_task, &att);
         mat_input att_in = input_of(m->att_out, &m->att_q8);
-        matvec1(m, &l->wo, m->xb2, &att_in, batch);
+        matvec1_then(m, &l->wo, m->xb2, &att_in, batch, ffn_first_weights(m, l, batch));
         for (int64_t i = 0; i < (int64_t)batch * dim; i++) m->x[i] += c->residual_scale * m->xb2[i];
 
         /* feed-forward */
