@@ -726,7 +726,7 @@ static int64_t collect_active(ps_model *m, const int32_t *candidates, int64_t n_
 
 /* up rows and down vectors of the given neurons; m->hb holds their activated gates */
 static void ffn_sparse_tail(ps_model *m, const ps_layer_weights *l, mat_input *xb, const int32_t *neurons,
-                            int64_t n) {
+                            int64_t n, const ps_tensor *next) {
     matmul_target up = some_rows(&l->ffn_up, m->hb2, neurons, n);
     matmul(m, &up, 1, xb, 1);
     for (int64_t j = 0; j < n; j++) m->hb[neurons[j]] *= m->hb2[neurons[j]];
@@ -739,6 +739,12 @@ static void ffn_sparse_tail(ps_model *m, const ps_layer_weights *l, mat_input *x
         for (int64_t j = 0; j < n; j++) h[neurons[j]] = m->hb[neurons[j]];
         mat_input hin = input_of(h, &m->hb_q8);
         matvec1(m, &l->ffn_down, m->xb2, &hin, 1);
+    }
+    /* the first bytes of the matrix read next, as a streamed mat-vec asks for them before its
+     * end (prefetch_across) */
+    if (next) {
+        const size_t bytes = ps_row_bytes(next->type, next->ne0) * (size_t)next->ne1;
+        prefetch_stream((const char *)next->data, bytes < PREFETCH_BYTES ? bytes : PREFETCH_BYTES);
     }
 }
 
@@ -815,7 +821,7 @@ static void ffn_dense(ps_model *m, const ps_layer_weights *l, mat_input *xb, int
 
 /* one token: all gate rows, then up/down for the active neurons only */
 static void ffn_exact(ps_model *m, const ps_layer_weights *l, mat_input *xb, ps_layer_stats *st,
-                      int64_t *counts) {
+                      int64_t *counts, const ps_tensor *next) {
     matvec1(m, &l->ffn_gate, m->hb, xb, 1);
     const int64_t n = collect_active(m, NULL, m->c.n_ff, m->neurons);
     if (st) {
@@ -824,16 +830,17 @@ static void ffn_exact(ps_model *m, const ps_layer_weights *l, mat_input *xb, ps_
         st->n_computed += n;
         count_neurons(counts, m->neurons, n);
     }
-    ffn_sparse_tail(m, l, xb, m->neurons, n);
+    ffn_sparse_tail(m, l, xb, m->neurons, n, next);
 }
 
 /* one token: the predictor picks neurons; gate/up/down run for those alone. A predicted
  * neuron whose gate turns out inactive is dropped (it contributes zero). */
 static void ffn_predictor(ps_model *m, const ps_layer_weights *l, mat_input *xb, float threshold,
-                          ps_layer_stats *st, int64_t *counts) {
+                          ps_layer_stats *st, int64_t *counts, const ps_tensor *next) {
     const ps_config *c = &m->c;
     mat_input residual = input_of(m->x, &m->x_q8);
-    matvec1(m, &l->fc1, m->pred_hidden, c->predictor_input == PS_PREDICTOR_INPUT_NORMED ? xb : &residual, 1);
+    matvec1_then(m, &l->fc1, m->pred_hidden, c->predictor_input == PS_PREDICTOR_INPUT_NORMED ? xb : &residual, 1,
+                 &l->fc2);
     for (int64_t r = 0; r < l->fc1.ne1; r++) m->pred_hidden[r] = m->pred_hidden[r] > 0.0f ? m->pred_hidden[r] : 0.0f;
     mat_input hidden = input_of(m->pred_hidden, &m->hidden_q8);
     matvec1(m, &l->fc2, m->pred_logits, &hidden, 1);
@@ -860,7 +867,7 @@ static void ffn_predictor(ps_model *m, const ps_layer_weights *l, mat_input *xb,
         n = collect_active(m, m->neurons, n_predicted, m->neurons);
     }
     if (st) st->n_computed += n;
-    ffn_sparse_tail(m, l, xb, m->neurons, n);
+    ffn_sparse_tail(m, l, xb, m->neurons, n, next);
 }
 
 /* the first matrix layer L + 1 reads (the head's after the last layer) */
@@ -878,9 +885,10 @@ static void ffn(ps_model *m, int L, int batch) {
     ps_layer_stats *st = m->stats_on ? &m->stats[L] : NULL;
     int64_t *counts = st ? m->neuron_counts + (int64_t)L * m->c.n_ff : NULL;
     mat_input xb = input_of(m->xb, &m->xb_q8);
-    if (batch == 1 && m->sparse_mode == PS_SPARSE_PREDICTOR) ffn_predictor(m, l, &xb, m->pred_threshold[L], st, counts);
-    else if (batch == 1 && m->sparse_mode == PS_SPARSE_EXACT) ffn_exact(m, l, &xb, st, counts);
-    else ffn_dense(m, l, &xb, batch, st, counts, next_layer_weights(m, L));
+    const ps_tensor *next = next_layer_weights(m, L);
+    if (batch == 1 && m->sparse_mode == PS_SPARSE_PREDICTOR) ffn_predictor(m, l, &xb, m->pred_threshold[L], st, counts, next);
+    else if (batch == 1 && m->sparse_mode == PS_SPARSE_EXACT) ffn_exact(m, l, &xb, st, counts, next);
+    else ffn_dense(m, l, &xb, batch, st, counts, next);
 }
 
 /* ------------------------------------------------------------------------------------------
