@@ -441,11 +441,11 @@ static float gate_activation(const ps_config *c, float g) {
  * heads share 3 KV heads), so a span is read from memory once and re-read from L1/L2 by the
  * group's other heads, on one core; before, each query head read its KV head's whole cache
  * itself, and on two threads a KV head's three query heads mostly ran on both cores. Spans
- * also give work to more threads than there are heads. The
- * spans' partial results (maximum score, sum of exponentials, unnormalised weighted sum) are
- * merged in span order by whichever thread finishes a group's last span. The spans are fixed
- * by position, not by thread count, so any number of threads gives the same bits; a context of
- * at most ATT_SPAN positions is one span, computed exactly as a prompt's unit computes it.
+ * also give work to more threads than there are heads. The spans' partial results (maximum
+ * score, sum of exponentials, unnormalised weighted sum) are merged in span order by whichever
+ * thread finishes a group's last span. The spans are fixed by position, not by thread count,
+ * so any number of threads gives the same bits; a context of at most ATT_SPAN positions is one
+ * span, computed exactly as a prompt's unit computes it.
  * ---------------------------------------------------------------------------------------- */
 
 #define SOFTMAX_LANES 16
