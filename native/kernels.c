@@ -1475,7 +1475,8 @@ TARGET_AVX512 INLINE __m512 q8_0_scales_avx512(const void *row, const ps_q8_vec 
  * 4k..4k+3 hold block k's d times x's d. One permute of the blocks' first 64 bytes gathers
  * their f16 fields into 8 words (d0..d3, then Q4_1's m0..m3 or Q4_0's d0..d3 again), one
  * vcvtph2ps and one vmulps against x's d and s make d dx and the offset terms (m s or d s) of
- * all four blocks; the offset terms are added into *off's upper 4 lanes. */
+ * all four blocks; that product is added into *off, whose upper 4 lanes (the offset terms) are
+ * all that is used of it. */
 TARGET_AVX512 INLINE __m512 q8_scales4_avx512(const void *row, const ps_q8_vec *x, int64_t c, int type, int left,
                                               __m256 *off) {
     const int bb = type == PS_TYPE_Q4_0 ? (int)sizeof(block_q4_0) : (int)sizeof(block_q4_1);

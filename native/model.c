@@ -264,9 +264,10 @@ static void matmul_rows(const matmul_target *t, const float *in, const ps_q8_vec
         const char *end = base + (size_t)rows * row_bytes;
         if (t->rows) prefetch_first_rows(base, row_bytes, t->rows, j0, j1);
         int64_t j = j0;
-        /* eight rows per call, then four, where the type has such kernels (the prefetch lines
-         * are written out in matmul_rows_q8's loop and in the one below: the same lines in an
-         * inline helper of their own compiled to a loop 20-25% slower in decode, cause not found) */
+        /* eight rows per call, then four, where the type has such kernels. The prefetch lines
+         * are written out in matmul_rows_q8's loop and again in the one below, not put in a
+         * helper that both would call: such a helper compiled to a loop 20-25% slower in
+         * decode (cause not found). */
         if (xq && tt->dot8_q8) matmul_rows_q8(t, tt, 8, xq, &j, j1);
         if (xq && tt->dot4_q8) matmul_rows_q8(t, tt, 4, xq, &j, j1);
         for (; j < j1; j++) {
@@ -436,20 +437,23 @@ static float gate_activation(const ps_config *c, float g) {
 
 /* ------------------------------------------------------------------------------------------
  * Attention, causal over the KV cache. A prompt: each (token, head) pair is one unit of work.
- * One token: each (KV head, span of ATT_SPAN positions) is one unit, which scores the span's
- * keys and sums its values for every query head sharing that KV head (GQA: SmolLM2's 9 query
- * heads share 3 KV heads), so a span is read from memory once and re-read from L1/L2 by the
- * group's other heads, on one core; before, each query head read its KV head's whole cache
- * itself, and on two threads a KV head's three query heads mostly ran on both cores. Spans
- * also give work to more threads than there are heads. The spans' partial results (maximum
- * score, sum of exponentials, unnormalised weighted sum) are merged in span order by whichever
- * thread finishes a group's last span. The spans are fixed by position, not by thread count,
- * so any number of threads gives the same bits; a context of at most ATT_SPAN positions is one
- * span, computed exactly as a prompt's unit computes it.
+ * One token past ATT_SPAN positions: each (KV head, span of ATT_SPAN positions) is one unit,
+ * which scores the span's keys and sums its values for every query head sharing that KV head
+ * (GQA: SmolLM2's 9 query heads share 3 KV heads), so a span is read from memory once and
+ * re-read from L1/L2 by the group's other heads, on one core; before, each query head read its
+ * KV head's whole cache itself, and on two threads a KV head's three query heads mostly ran on
+ * both cores. The spans' partial results (maximum score, sum of exponentials, unnormalised
+ * weighted sum) are merged in span order by whichever thread finishes a group's last span. The
+ * spans are fixed by position, not by thread count, so any number of threads gives the same
+ * bits. Up to ATT_SPAN positions a token's units are its query heads, as a prompt's are (a
+ * span per KV head would leave threads idle: 3 units on SmolLM2, 1 with a single KV head).
  * ---------------------------------------------------------------------------------------- */
 
 #define SOFTMAX_LANES 16
 #define ATT_SPAN 128
+
+/* spans of ATT_SPAN positions in n positions */
+static int64_t att_spans(int64_t n) { return (n + ATT_SPAN - 1) / ATT_SPAN; }
 
 typedef struct {
     ps_model *m;
@@ -501,19 +505,21 @@ static void normalise(float *out, int hd, float sum) {
 }
 
 /* A head's spans 0..n_spans-1 (their partial sums, then maximum and sum, in part: hd + 2
- * floats each) into its output, in span order */
-static void merge_spans(const float *part, int n_spans, int hd, float *out) {
+ * floats each) into its output, in span order; w: n_spans floats of scratch. The spans'
+ * weights use the same exp as their scores (ops->exp), so the bits do not depend on libm. */
+static void merge_spans(const ps_f32_ops *ops, const float *part, int n_spans, int hd, float *w, float *out) {
     float max_score = -INFINITY, sum = 0.0f;
     for (int s = 0; s < n_spans; s++) {
         const float mx = part[(size_t)s * (hd + 2) + hd];
         max_score = mx > max_score ? mx : max_score;
     }
+    for (int s = 0; s < n_spans; s++) w[s] = part[(size_t)s * (hd + 2) + hd] - max_score;
+    ops->exp(w, w, n_spans);
     for (int i = 0; i < hd; i++) out[i] = 0.0f;
     for (int s = 0; s < n_spans; s++) {
         const float *p = part + (size_t)s * (hd + 2);
-        const float w = expf(p[hd] - max_score);
-        sum += p[hd + 1] * w;
-        for (int i = 0; i < hd; i++) out[i] += w * p[i];
+        sum += p[hd + 1] * w[s];
+        for (int i = 0; i < hd; i++) out[i] += w[s] * p[i];
     }
     normalise(out, hd, sum);
 }
@@ -538,9 +544,9 @@ static void attention_task(void *ctx, int ith, int nth) {
     const char *vc = m->v_cache + (size_t)job->layer * (size_t)m->n_ctx * row;
     float *scores = m->scores + (int64_t)ith * m->n_ctx;
     float max_score, sum;
-    if (job->batch == 1) {
+    if (job->batch == 1 && job->pos0 + 1 > ATT_SPAN) {
         const int n = job->pos0 + 1, n_spans = (n + ATT_SPAN - 1) / ATT_SPAN;
-        const int units = c->n_head_kv * n_spans, max_spans = (m->n_ctx + ATT_SPAN - 1) / ATT_SPAN;
+        const int units = c->n_head_kv * n_spans, max_spans = att_spans(m->n_ctx);
         for (int u; (u = atomic_fetch_add(&job->next, 1)) < units;) {
             const int kvh = u / n_spans, s = u % n_spans, p0 = s * ATT_SPAN;
             const int len = n - p0 < ATT_SPAN ? n - p0 : ATT_SPAN;
@@ -553,21 +559,16 @@ static void attention_task(void *ctx, int ith, int nth) {
              * f16 was 5% slower */
             for (int t = 0; t < len; t++) prefetch_row(v + (size_t)t * row, (size_t)hd * es);
             for (int h = kvh * group; h < (kvh + 1) * group; h++) {
-                const float *q = m->q + h * hd;
-                if (n_spans == 1) {
-                    float *out = m->att_out + h * hd;
-                    attend_span(ops, q, k, v, kvd, hd, m->kv_type, len, scale, scores, out, &max_score, &sum);
-                    normalise(out, hd, sum);
-                    continue;
-                }
                 float *part = m->att_part + ((size_t)h * max_spans + s) * (hd + 2);
-                attend_span(ops, q, k, v, kvd, hd, m->kv_type, len, scale, scores, part, &part[hd], &part[hd + 1]);
+                attend_span(ops, m->q + h * hd, k, v, kvd, hd, m->kv_type, len, scale, scores, part, &part[hd],
+                            &part[hd + 1]);
             }
             /* the group's last span to finish merges the group (acq_rel: the other spans'
              * partial sums, written by other threads, are seen here) */
-            if (n_spans > 1 && atomic_fetch_add_explicit(&m->att_done[kvh], 1, memory_order_acq_rel) == n_spans - 1)
+            if (atomic_fetch_add_explicit(&m->att_done[kvh], 1, memory_order_acq_rel) == n_spans - 1)
                 for (int h = kvh * group; h < (kvh + 1) * group; h++)
-                    merge_spans(m->att_part + (size_t)h * max_spans * (hd + 2), n_spans, hd, m->att_out + h * hd);
+                    merge_spans(ops, m->att_part + (size_t)h * max_spans * (hd + 2), n_spans, hd, scores,
+                                m->att_out + h * hd);
         }
         return;
     }
@@ -738,7 +739,8 @@ static void ffn_sparse_tail(ps_model *m, const ps_layer_weights *l, mat_input *x
         memset(h, 0, (size_t)m->c.n_ff * sizeof(float));
         for (int64_t j = 0; j < n; j++) h[neurons[j]] = m->hb[neurons[j]];
         mat_input hin = input_of(h, &m->hb_q8);
-        matvec1(m, &l->ffn_down, m->xb2, &hin, 1);
+        matvec1_then(m, &l->ffn_down, m->xb2, &hin, 1, next);
+        return;
     }
     /* the first bytes of the matrix read next, as a streamed mat-vec asks for them before its
      * end (prefetch_across) */
@@ -1177,7 +1179,7 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
     m->hb = alloc_floats(MAX_BATCH * ff, &failed);
     m->hb2 = alloc_floats(MAX_BATCH * ff, &failed);
     m->scores = alloc_floats((int64_t)n_threads * n_ctx, &failed);
-    m->att_part = alloc_floats((int64_t)c->n_head * ((n_ctx + ATT_SPAN - 1) / ATT_SPAN) * (c->head_dim + 2), &failed);
+    m->att_part = alloc_floats((int64_t)c->n_head * att_spans(n_ctx) * (c->head_dim + 2), &failed);
     m->att_done = calloc((size_t)c->n_head_kv, sizeof(atomic_int));
     if (!m->att_done) failed = 1;
     m->row_buf = alloc_floats((int64_t)n_threads * ROW_CHUNK * max_row, &failed);

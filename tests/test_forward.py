@@ -107,13 +107,23 @@ def test_long_prompt_matches_transformers(tmp_path):
         assert rel_err(rt.evaluate(prompt), hf_logits(model, prompt)) <= 1e-4
 
 
-@pytest.mark.parametrize("kv_type,tol", [("f32", 1e-4), ("f16", 5e-3)])
-def test_decoding_past_one_attention_span_matches_transformers_on_any_thread_count(tmp_path, kv_type, tol):
-    """One token's attention is split into spans of 128 positions, each scored for all the query
-    heads sharing a KV head (here 6 heads on 2), and the spans merged: decoding 300 tokens one
-    at a time (1, 2 and 3 spans, both boundaries crossed) matches transformers, and 1 to 3
-    threads give the same bits (the spans are fixed by position, not by thread count)."""
-    model = tiny_llama(K.ACT_SILU, seed=6, n_embd=96, n_head=6, n_head_kv=2)
+SPAN_SHAPES = [   # (n_embd, n_head, n_head_kv, kv_type, tol)
+    (96, 6, 2, "f32", 1e-4),     # 3 query heads per KV head
+    (96, 6, 2, "f16", 5e-3),
+    (64, 4, 4, "f32", 1e-4),     # no grouping
+    (64, 4, 1, "f32", 1e-4),     # one KV head
+    (72, 6, 2, "f32", 1e-4),     # head_dim 12: no whole 16-lane block
+]
+
+
+@pytest.mark.parametrize("n_embd,n_head,n_head_kv,kv_type,tol", SPAN_SHAPES)
+def test_decoding_past_one_attention_span_matches_transformers_on_any_thread_count(tmp_path, n_embd, n_head,
+                                                                                   n_head_kv, kv_type, tol):
+    """Past 128 positions one token's attention is split into spans of 128, each scored for all
+    the query heads sharing a KV head, and the spans merged: decoding 300 tokens one at a time
+    (1, 2 and 3 spans, both boundaries crossed) matches transformers, and 1 to 3 threads give
+    the same bits (the spans are fixed by position, not by thread count)."""
+    model = tiny_llama(K.ACT_SILU, seed=6, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv)
     path = to_gguf(model, tmp_path / "m.gguf")
     prompt = [(17 * i + 9) % 320 for i in range(300)]
     ref = hf_logits(model, prompt)
