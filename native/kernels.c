@@ -940,7 +940,10 @@ TARGET_AVX2 INLINE void q4_finish_avx2(const __m256 *acc0, const __m256 *acc1, c
  * blocks per step, their code bytes side by side in one vector (low nibbles are weights 0-15,
  * high nibbles 16-31) and x's halves regrouped to match, so that 128-bit lane k holds block
  * c+k's dot as 4 partial sums and one scale vector serves both blocks (as the AVX-512 Q4 steps
- * do with four). */
+ * do with four); one accumulator and one offset sum per row. With two of each, dot4's four rows
+ * took all 16 registers and spilled: Q4_1 dot4 in cache (native/bench/bench_kernels, 576
+ * columns, on the Zen 5 machine) AVX2-VNNI 29 -> 32, AVX2 25.7 -> 28.2 GB/s; default-model
+ * decode with PROSPARSE_ISA=avx2_vnni, 1 thread, alternating builds, 272-277 -> 279-290 t/s. */
 #define DOT_Q8_AVX2(TARGET, isa, MUL_SUM, MUL_ACC)                                             \
     TARGET INLINE __m256 q8_0_step_##isa(const void *row, const ps_q8_vec *x, int64_t c, __m256 acc) { \
         __m256i u, s;                                                                          \
@@ -972,43 +975,30 @@ TARGET_AVX2 INLINE void q4_finish_avx2(const __m256 *acc0, const __m256 *acc1, c
             if (c < nb) acc0 = q8_0_step_##isa(row, x, c, acc0);                               \
             return hsum_avx2(_mm256_add_ps(acc0, acc1));                                       \
         }                                                                                      \
-        __m128 off0 = _mm_setzero_ps(), off1 = _mm_setzero_ps();                               \
-        for (; c + 4 <= nb; c += 4) {                                                          \
-            acc0 = q4_step2_##isa(row, x, c, type, 1, acc0, &off0);                            \
-            acc1 = q4_step2_##isa(row, x, c + 2, type, 1, acc1, &off1);                        \
-        }                                                                                      \
-        if (c + 2 <= nb) {                                                                     \
-            acc0 = q4_step2_##isa(row, x, c, type, 1, acc0, &off0);                            \
-            c += 2;                                                                            \
-        }                                                                                      \
-        if (c < nb) acc1 = q4_step2_##isa(row, x, c, type, 0, acc1, &off1);                    \
+        __m128 off = _mm_setzero_ps(), zero4 = _mm_setzero_ps();                               \
+        __m256 zero8 = _mm256_setzero_ps();                                                    \
+        for (; c + 2 <= nb; c += 2) acc0 = q4_step2_##isa(row, x, c, type, 1, acc0, &off);     \
+        if (c < nb) acc0 = q4_step2_##isa(row, x, c, type, 0, acc0, &off);                     \
         float out;                                                                             \
-        q4_finish_avx2(&acc0, &acc1, &off0, &off1, 1, type, &out);                             \
+        q4_finish_avx2(&acc0, &zero8, &off, &zero4, 1, type, &out);                            \
         return out;                                                                            \
     }                                                                                          \
     TARGET INLINE void dot4_q8_##isa(const void *const rows[4], const ps_q8_vec *x, int64_t nb, int type, \
                                      float out[4]) {                                           \
-        __m256 acc0[4], acc1[4];                                                               \
-        __m128 off0[4], off1[4];                                                               \
+        __m256 acc[4], zero8[4];                                                               \
+        __m128 off[4], zero4[4];                                                               \
         _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) {                                  \
-            acc0[r] = acc1[r] = _mm256_setzero_ps();                                           \
-            off0[r] = off1[r] = _mm_setzero_ps();                                              \
+            acc[r] = zero8[r] = _mm256_setzero_ps();                                           \
+            off[r] = zero4[r] = _mm_setzero_ps();                                              \
         }                                                                                      \
         int64_t c = 0;                                                                         \
-        for (; c + 4 <= nb; c += 4)                                                            \
-            _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) {                              \
-                acc0[r] = q4_step2_##isa(rows[r], x, c, type, 1, acc0[r], &off0[r]);           \
-                acc1[r] = q4_step2_##isa(rows[r], x, c + 2, type, 1, acc1[r], &off1[r]);       \
-            }                                                                                  \
-        if (c + 2 <= nb) {                                                                     \
+        for (; c + 2 <= nb; c += 2)                                                            \
             _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++)                                \
-                acc0[r] = q4_step2_##isa(rows[r], x, c, type, 1, acc0[r], &off0[r]);           \
-            c += 2;                                                                            \
-        }                                                                                      \
+                acc[r] = q4_step2_##isa(rows[r], x, c, type, 1, acc[r], &off[r]);              \
         if (c < nb)                                                                            \
             _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++)                                \
-                acc1[r] = q4_step2_##isa(rows[r], x, c, type, 0, acc1[r], &off1[r]);           \
-        q4_finish_avx2(acc0, acc1, off0, off1, 4, type, out);                                  \
+                acc[r] = q4_step2_##isa(rows[r], x, c, type, 0, acc[r], &off[r]);              \
+        q4_finish_avx2(acc, zero8, off, zero4, 4, type, out);                                  \
     }
 
 TARGET_AVX2 INLINE __m256i mul_acc_avx2(__m256i acc, __m256i u, __m256i s) {
