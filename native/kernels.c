@@ -920,21 +920,18 @@ TARGET_AVX2 INLINE __m256 q4_scales_avx2(const void *row, const ps_q8_vec *x, in
  * then i + i+2, then i + i+1) plus its offset term (Q4_1's m s in lanes 1 and 3, Q4_0's d s in
  * lanes 0 and 1, times -8); four rows are transposed and summed with the same additions, so a
  * row's result does not depend on whether it came alone or in a four (the tests check it). */
-TARGET_AVX2 INLINE void q4_finish_avx2(const __m256 *acc0, const __m256 *acc1, const __m128 *off0,
-                                       const __m128 *off1, int k, int type, float *out) {
+TARGET_AVX2 INLINE void q4_finish_avx2(const __m256 *acc, const __m128 *off, int k, int type, float *out) {
     if (k == 1) {   /* the same additions, without the transposes */
-        const __m256 v = _mm256_add_ps(acc0[0], acc1[0]);
         float o[4];
-        _mm_storeu_ps(o, _mm_add_ps(off0[0], off1[0]));
-        const float sum = hsum_avx2(v);
+        _mm_storeu_ps(o, off[0]);
+        const float sum = hsum_avx2(acc[0]);
         *out = type == PS_TYPE_Q4_0 ? sum - 8.0f * (o[0] + o[1]) : sum + (o[1] + o[3]);
         return;
     }
     __m128 h[4], o[4];
     for (int r = 0; r < 4; r++) {
-        const __m256 v = r < k ? _mm256_add_ps(acc0[r], acc1[r]) : _mm256_setzero_ps();
-        h[r] = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        o[r] = r < k ? _mm_add_ps(off0[r], off1[r]) : _mm_setzero_ps();
+        h[r] = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        o[r] = off[r];
     }
     _MM_TRANSPOSE4_PS(h[0], h[1], h[2], h[3]);
     _MM_TRANSPOSE4_PS(o[0], o[1], o[2], o[3]);
@@ -983,21 +980,20 @@ TARGET_AVX2 INLINE void q4_finish_avx2(const __m256 *acc0, const __m256 *acc1, c
             if (c < nb) acc0 = q8_0_step_##isa(row, x, c, acc0);                               \
             return hsum_avx2(_mm256_add_ps(acc0, acc1));                                       \
         }                                                                                      \
-        __m128 off = _mm_setzero_ps(), zero4 = _mm_setzero_ps();                               \
-        __m256 zero8 = _mm256_setzero_ps();                                                    \
+        __m128 off = _mm_setzero_ps();                                                         \
         for (; c + 2 <= nb; c += 2) acc0 = q4_step2_##isa(row, x, c, type, 1, acc0, &off);     \
         if (c < nb) acc0 = q4_step2_##isa(row, x, c, type, 0, acc0, &off);                     \
         float out;                                                                             \
-        q4_finish_avx2(&acc0, &zero8, &off, &zero4, 1, type, &out);                            \
+        q4_finish_avx2(&acc0, &off, 1, type, &out);                                            \
         return out;                                                                            \
     }                                                                                          \
     TARGET INLINE void dot4_q8_##isa(const void *const rows[4], const ps_q8_vec *x, int64_t nb, int type, \
                                      float out[4]) {                                           \
-        __m256 acc[4], zero8[4];                                                               \
-        __m128 off[4], zero4[4];                                                               \
+        __m256 acc[4];                                                                         \
+        __m128 off[4];                                                                         \
         _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) {                                  \
-            acc[r] = zero8[r] = _mm256_setzero_ps();                                           \
-            off[r] = zero4[r] = _mm_setzero_ps();                                              \
+            acc[r] = _mm256_setzero_ps();                                                      \
+            off[r] = _mm_setzero_ps();                                                         \
         }                                                                                      \
         int64_t c = 0;                                                                         \
         for (; c + 2 <= nb; c += 2)                                                            \
@@ -1006,7 +1002,7 @@ TARGET_AVX2 INLINE void q4_finish_avx2(const __m256 *acc0, const __m256 *acc1, c
         if (c < nb)                                                                            \
             _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++)                                \
                 acc[r] = q4_step2_##isa(rows[r], x, c, type, 0, acc[r], &off[r]);              \
-        q4_finish_avx2(acc, zero8, off, zero4, 4, type, out);                                  \
+        q4_finish_avx2(acc, off, 4, type, out);                                                \
     }
 
 TARGET_AVX2 INLINE __m256i mul_acc_avx2(__m256i acc, __m256i u, __m256i s) {
