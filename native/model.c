@@ -89,6 +89,11 @@ struct ps_model {
     /* activations = Q8 and BF16 weights where the CPU has AVX512-BF16 (dot_bf16): a mat-mul's
      * input rounded to bf16, made by each mat-mul that has such a target */
     uint16_t *in_bf16;           /* (MAX_BATCH, max row length)                    */
+    /* activations = Q8 and a matrix with an integer prompt kernel (gemm_q8): a prompt
+     * mat-mul's input, quantised and interleaved by the first mat-mul that reads it */
+    ps_q8_batch in_q8b;          /* (MAX_BATCH rounded up to 16, max row length)   */
+    ps_q8_vec in_q8b_tmp;        /* (max row length) one token on its way there    */
+    int64_t in_q8b_gen;          /* bumped at each packing: which input in_q8b holds */
 
     /* sparse FFN */
     int32_t sparse_mode;         /* PS_SPARSE_*                                    */
@@ -131,10 +136,11 @@ typedef struct {
     const float *f32;            /* (batch, n) */
     const ps_q8_vec *q8;         /* where the copy goes: (n) */
     int q8_ready;                /* q8 holds f32, quantised */
+    int64_t q8b_gen;             /* a batch: m->in_q8b holds f32 while m->in_q8b_gen is this (0: never) */
 } mat_input;
 
 static mat_input input_of(const float *f32, const ps_q8_vec *q8) {
-    return (mat_input){ f32, q8, 0 };
+    return (mat_input){ f32, q8, 0, 0 };
 }
 
 typedef struct {
@@ -154,6 +160,8 @@ typedef struct {
     const ps_q8_vec *in_q8;      /* in quantised (batch 1, activations Q8), or NULL */
     const uint16_t *in_bf16;     /* in rounded to bf16 (activations Q8, a BF16 target with
                                   * dot_bf16), or NULL */
+    const ps_q8_batch *in_q8b;   /* in quantised and interleaved (a batch, activations Q8, a
+                                  * target with gemm_q8), or NULL */
     int batch;
     int64_t total_rows;          /* sum of n_rows over targets */
     int64_t chunk;               /* rows per take */
@@ -252,7 +260,7 @@ static inline void matmul_rows_q8(const matmul_target *t, const ps_type_traits *
  * converts them itself, through the typed GEMM; the others are dequantised once into the
  * thread's tile, then multiplied with every token at once. */
 static void matmul_rows(const matmul_target *t, const float *in, const ps_q8_vec *in_q8, const uint16_t *in_bf16,
-                        int batch, int64_t j0, int64_t j1, float *tile) {
+                        const ps_q8_batch *in_q8b, int batch, int64_t j0, int64_t j1, float *tile) {
     const ps_tensor *w = t->w;
     const ps_type_traits *tt = ps_type_traits_for(w->type, -1);
     const int64_t n = w->ne0, rows = w->ne1;
@@ -286,6 +294,11 @@ static void matmul_rows(const matmul_target *t, const float *in, const ps_q8_vec
     if (xb16) {
         for (int64_t j = j1; j < j1 + (j1 - j0) && j < rows; j++) prefetch_row(base + (size_t)j * row_bytes, row_bytes);
         ps_gemm_nt_bf16(base + (size_t)j0 * row_bytes, n, j1 - j0, xb16, n, batch, n, t->out + j0, rows);
+        return;
+    }
+    if (in_q8b && tt->gemm_q8) {
+        for (int64_t j = j1; j < j1 + (j1 - j0) && j < rows; j++) prefetch_row(base + (size_t)j * row_bytes, row_bytes);
+        tt->gemm_q8(base + (size_t)j0 * row_bytes, j1 - j0, in_q8b, batch, n, t->out + j0, rows);
         return;
     }
     /* F32 rows as they are and F16 / BF16 rows where the GEMM converts them itself; others
@@ -323,8 +336,8 @@ static void matmul_task(void *ctx, int ith, int nth) {
             int64_t rows = job->t[i].n_rows;
             if (start < offset + rows) {
                 int64_t stop = end < offset + rows ? end : offset + rows;
-                matmul_rows(&job->t[i], job->in, job->in_q8, job->in_bf16, job->batch, start - offset, stop - offset,
-                            tile);
+                matmul_rows(&job->t[i], job->in, job->in_q8, job->in_bf16, job->in_q8b, job->batch, start - offset,
+                            stop - offset, tile);
                 start = stop;
             }
             offset += rows;
@@ -347,6 +360,22 @@ static const ps_q8_vec *q8_input(const ps_model *m, const matmul_target *targets
     return in->q8;
 }
 
+/* a batch's in, quantised and interleaved in m->in_q8b (made now if it holds another input),
+ * when activations are Q8 and some target's type has an integer prompt kernel, else NULL. One
+ * thread packs it: ~30 us for 128 tokens of 576 (the mat-mul that follows takes ~1 ms). */
+static const ps_q8_batch *q8_batch_input(ps_model *m, const matmul_target *targets, int n_targets, mat_input *in,
+                                         int batch) {
+    if (batch == 1 || m->activations != PS_ACTIVATIONS_Q8 || !m->in_q8b.qs) return NULL;
+    int integer = 0;
+    for (int i = 0; i < n_targets; i++) integer |= ps_type_traits_for(targets[i].w->type, -1)->gemm_q8 != NULL;
+    if (!integer) return NULL;
+    if (in->q8b_gen == 0 || in->q8b_gen != m->in_q8b_gen) {
+        ps_quantize_q8_batch(in->f32, batch, targets[0].w->ne0, &m->in_q8b_tmp, &m->in_q8b);
+        in->q8b_gen = ++m->in_q8b_gen;
+    }
+    return &m->in_q8b;
+}
+
 /* in rounded to bf16 in m->in_bf16 when activations are Q8 and some target is BF16 with a bf16
  * dot (the CPU has AVX512-BF16), else NULL. Made afresh by each mat-mul (a vector of n_embd is
  * ~50 ns, a prompt's batch a few microseconds). The targets share one row length, in's. */
@@ -366,7 +395,8 @@ static void matmul_then(ps_model *m, const matmul_target *targets, int n_targets
                         const ps_tensor *next) {
     matmul_job job = { .m = m, .n_targets = n_targets, .in = in->f32, .batch = batch,
                        .in_q8 = q8_input(m, targets, n_targets, in, batch),
-                       .in_bf16 = bf16_input(m, targets, n_targets, in->f32, batch) };
+                       .in_bf16 = bf16_input(m, targets, n_targets, in->f32, batch),
+                       .in_q8b = q8_batch_input(m, targets, n_targets, in, batch) };
     for (int i = 0; i < n_targets; i++) {
         job.t[i] = targets[i];
         job.t[i].next = i + 1 < n_targets ? (targets[i + 1].rows ? NULL : targets[i + 1].w) : next;
@@ -1118,6 +1148,7 @@ static void free_q8(ps_q8_vec *v) {
  * (dot_bf16: BF16 rows where the CPU has AVX512-BF16) */
 static int has_dot_q8(int type) { return ps_type_traits_for(type, -1)->dot_q8 != NULL; }
 static int has_dot_bf16(int type) { return ps_type_traits_for(type, -1)->dot_bf16 != NULL; }
+static int has_gemm_q8(int type) { return ps_type_traits_for(type, -1)->gemm_q8 != NULL; }
 
 /* 1 if some matrix a mat-mul reads is of a type for which has(type) */
 static int any_matrix(const ps_model *m, int (*has)(int type)) {
@@ -1196,6 +1227,13 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
     m->hb_q8 = alloc_q8(ff, &failed);
     if (m->layers && any_matrix(m, has_dot_bf16))
         m->in_bf16 = alloc_lines(MAX_BATCH * max_row * (int64_t)sizeof(uint16_t), &failed);
+    if (m->layers && any_matrix(m, has_gemm_q8)) {
+        const int64_t lanes = ps_q8_batch_groups(MAX_BATCH) * 16;
+        m->in_q8b = (ps_q8_batch){ alloc_lines(lanes * max_row, &failed), alloc_floats(lanes * max_row / 32, &failed),
+                                   alloc_floats(lanes * max_row / 32, &failed),
+                                   alloc_lines(lanes * max_row / 32 * (int64_t)sizeof(int32_t), &failed) };
+        m->in_q8b_tmp = alloc_q8(max_row, &failed);
+    }
     m->neurons = calloc((size_t)ff, sizeof(int32_t));
     m->exact_active = calloc((size_t)ff, sizeof(int32_t));
     m->stats = calloc((size_t)c->n_layer, sizeof(ps_layer_stats));
@@ -1230,6 +1268,7 @@ void ps_model_free(ps_model *m) {
     free(m->rope_inv_freq); free(m->rope_cos_sin);
     free(m->pred_threshold); free(m->pred_hidden); free(m->pred_logits);
     free_q8(&m->xb_q8); free_q8(&m->att_q8); free_q8(&m->x_q8); free_q8(&m->hidden_q8); free_q8(&m->hb_q8);
+    free(m->in_q8b.qs); free(m->in_q8b.d); free(m->in_q8b.s); free(m->in_q8b.sum); free_q8(&m->in_q8b_tmp);
     free(m->neurons); free(m->exact_active); free(m->stats); free(m->neuron_counts);
     free(m);
 }

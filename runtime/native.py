@@ -27,10 +27,16 @@ def check_name(kind: str, name: str, names) -> None:
 
 
 def has_integer_kernel(type_id: int) -> bool:
-    """The tensor type has an int8 kernel (dot_q8): 8-bit activations in q8 mode, single tokens
-    only (its prompt batches read f32)."""
+    """The tensor type has an int8 kernel (dot_q8): 8-bit activations in q8 mode."""
     t = lib.ps_type_traits_for(int(type_id), -1)
     return t != ffi.NULL and t.dot_q8 != ffi.NULL
+
+
+def has_integer_prompt_kernel(type_id: int) -> bool:
+    """The tensor type's prompt batches read 8-bit activations in q8 mode too (gemm_q8: every
+    integer type with VNNI, Q4_0 and Q4_1 on any AVX2 or AVX-512 CPU; not on NEON)."""
+    t = lib.ps_type_traits_for(int(type_id), -1)
+    return t != ffi.NULL and t.gemm_q8 != ffi.NULL
 
 
 class NativeError(RuntimeError):

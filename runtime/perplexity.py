@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .api import ACTIVATION_MODES, USER_ERRORS, Runtime
-from .native import KV_TYPES, has_integer_kernel
+from .native import KV_TYPES, has_integer_kernel, has_integer_prompt_kernel
 
 
 @dataclass
@@ -39,15 +39,16 @@ def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 def evaluation_mode(rt: Runtime, requested: str) -> tuple[bool, str]:
     """Whether to evaluate token by token, and what the activations are, for the log. Sparse
-    modes run on the decode path; so does an explicit "q8" on a file with integer weights,
-    whose batches read f32 (BF16 weights read bf16 in batches too, where the CPU has
-    AVX512-BF16)."""
-    integer = any(has_integer_kernel(t.type) for t in rt._gguf.tensors.values())
-    if rt.sparse != "dense" or (requested == "q8" and integer):
+    modes run on the decode path; so does an explicit "q8" on a file with integer weights whose
+    batches read f32 on this CPU (Q8_0 without VNNI; NEON). Elsewhere q8 batches read what their
+    tokens read: 8 bits for integer weights, bf16 for BF16 ones where the CPU has AVX512-BF16."""
+    float_batches = any(has_integer_kernel(t.type) and not has_integer_prompt_kernel(t.type)
+                        for t in rt._gguf.tensors.values())
+    if rt.sparse != "dense" or (requested == "q8" and float_batches):
         return True, rt.activations
     if rt.activations == "f32":
         return False, "f32 (batches)"
-    return False, "q8 (batches: bf16 for BF16 weights, f32 for others)"
+    return False, "q8 (batches: 8-bit for integer weights, bf16 for BF16 ones, f32 for others)"
 
 
 def perplexity(rt: Runtime, tokens: list[int], n_ctx: int, max_chunks: int | None = None,
@@ -98,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--activations", choices=ACTIVATION_MODES, default="auto",
                    help="how token-by-token evaluation reads its input (default: auto, q8 for Q8_0/Q4_0/Q4_1 "
                         "weights, and for BF16 ones where the CPU has AVX512-BF16: bf16, batches too); an "
-                        "explicit q8 on a file with Q8_0/Q4_0/Q4_1 weights evaluates token by token, as their "
-                        "batches read f32")
+                        "explicit q8 evaluates token by token where this CPU's batches of such weights read f32 "
+                        "(Q8_0 without VNNI, NEON)")
     p.add_argument("--kv-type", choices=list(KV_TYPES), default="f32",
                    help="what the KV cache stores keys and values in (default: f32)")
     args = p.parse_args(argv)

@@ -172,6 +172,12 @@ HF_TO_GGUF = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_pro
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
 
+def prompt_kernel_here(outtype: str) -> bool:
+    """This CPU's best isa has the integer prompt kernel (gemm_q8) for outtype."""
+    from prosparse.native import ffi, lib
+    return lib.ps_type_traits_for(getattr(lib, f"PS_TYPE_{outtype.upper()}"), -1).gemm_q8 != ffi.NULL
+
+
 def q8_roundtrip(x: torch.Tensor) -> torch.Tensor:
     """x through the runtime's activation quantiser and back, in float32: per block of 32,
     d = max|x| / 127, q = x * (127 / max|x|) rounded half to even (torch.round), x ~ q * d."""
@@ -244,9 +250,14 @@ def test_q8_decoding_matches_transformers_quantising_the_same_inputs(tmp_path):
             ref = q8_reference_logits(dequantised_reference(model, outtype), path, PROMPT)
             with Runtime(path, n_ctx=64, threads=2, activations="q8") as rt:
                 ours = rt.evaluate(PROMPT, sequential=True)
+                batched = rt.evaluate(PROMPT)
                 rt.activations = "f32"
                 ours_f32 = rt.evaluate(PROMPT, sequential=True)
             assert rel_err(ours, ref) <= 5e-2, (outtype, seed)
+            if prompt_kernel_here(outtype):      # the prompt's integer GEMM: the same inputs
+                assert rel_err(batched, ref) <= 5e-2, (outtype, seed)
+                agree += agreeing_positions(batched, ref)
+                total += len(PROMPT)
             assert agreeing_positions(ours_f32, ref) == 0, (outtype, seed)
             agree += agreeing_positions(ours, ref)
             total += len(PROMPT)
@@ -274,9 +285,14 @@ def test_q8_sparse_exact_mode_quantises_gathered_rows(tmp_path, outtype):
     assert agreeing_positions(ours, ref) >= 0.85 * len(PROMPT)
 
 
-def test_q8_stays_close_to_f32_and_batches_read_f32(tmp_path):
+@pytest.mark.parametrize("outtype", INTEGER_TYPES)
+def test_q8_stays_close_to_f32_and_batches_read_what_decoding_reads(tmp_path, outtype):
+    """A prompt batch in q8 mode reads 8-bit inputs through the integer GEMM, the same
+    quantisation as decoding token by token: the two agree to float rounding (the sums run in
+    another order), as the f32 ones do. (Q8_0 without VNNI, and NEON, have no such kernel: their
+    batches read float32, matching the f32 path instead.)"""
     model = tiny_llama(K.ACT_SILU, seed=7)
-    path = to_gguf(model, tmp_path / "m.gguf", "q8_0")
+    path = to_gguf(model, tmp_path / "m.gguf", outtype)
     with Runtime(path, n_ctx=64, threads=2) as rt:
         assert rt.activations == "q8"                           # auto: the file has integer weights
         q8 = rt.evaluate(PROMPT, sequential=True)
@@ -285,8 +301,12 @@ def test_q8_stays_close_to_f32_and_batches_read_f32(tmp_path):
         f32 = rt.evaluate(PROMPT, sequential=True)
         batch_f32 = rt.evaluate(PROMPT)
     assert 0 < rel_err(q8, f32) <= 5e-2                         # measured: 1.7e-2 .. 3.0e-2 on these models
-    np.testing.assert_array_equal(batch_q8, batch_f32)          # prompt batches always read float32
     assert rel_err(batch_f32, f32) <= 1e-5
+    if prompt_kernel_here(outtype):
+        assert rel_err(batch_q8, q8) <= 1e-5                    # measured: ~3e-7
+        assert rel_err(batch_q8, batch_f32) > 1e-3
+    else:
+        np.testing.assert_array_equal(batch_q8, batch_f32)
 
 
 # ------------------------------------------------------------------------------------------

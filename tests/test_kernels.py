@@ -624,6 +624,115 @@ def test_dot_q8_partial_block_is_not_read(isa_name, name, heap):
 
 
 # ------------------------------------------------------------------------------------------
+# Prompt batches in int8 (ps_q8_batch, gemm_q8)
+
+GEMM_Q8_SHAPES = [(16, 128, 576), (7, 17, 96), (1, 1, 32), (5, 33, 1568), (4, 16, 64), (13, 40, 160)]
+
+
+def quantize_q8_batch(isa: int, x: np.ndarray, batch: int, n: int, heap: Heap):
+    """x (batch, n) through ps_quantize_q8_batch_isa into exact-size buffers; returns the
+    ps_q8_batch and its (qs, d, s, sum) read back."""
+    lanes = lib.ps_q8_batch_groups(batch) * 16
+    nm = lanes * n // 32
+    out = ffi.new("ps_q8_batch *", {"qs": heap.alloc(lanes * n, "int8_t *"), "d": heap.alloc(4 * nm, "float *"),
+                                    "s": heap.alloc(4 * nm, "float *"), "sum": heap.alloc(4 * nm, "int32_t *")})
+    tmp, _ = quantize_q8(isa, np.zeros(n, np.float32), heap)        # scratch of n
+    assert lib.ps_quantize_q8_batch_isa(isa, heap.put(x.astype(np.float32), "float *"), batch, n, tmp, out) == 0
+    return out, (read(out.qs, np.int8, lanes * n), read(out.d, np.float32, nm), read(out.s, np.float32, nm),
+                 read(out.sum, np.int32, nm))
+
+
+def numpy_q8_batch(x: np.ndarray, batch: int, n: int):
+    """ps_q8_batch's layout built in numpy: each token by numpy_quantize_q8, in groups of 16
+    lanes, (group, block, step, lane, 4 codes); the lanes past the batch zeros."""
+    groups, nblk = -(-batch // 16), n // 32
+    qs = np.zeros((groups * 16, n), np.int8)
+    d = np.zeros((groups * 16, nblk), np.float32)
+    s = np.zeros((groups * 16, nblk), np.float32)
+    for t in range(batch):
+        qs[t], d[t], s[t] = numpy_quantize_q8(x[t])
+    sums = qs.reshape(groups * 16, nblk, 32).astype(np.int32).sum(axis=2)
+    inter = qs.reshape(groups, 16, nblk, 8, 4).transpose(0, 2, 3, 1, 4).reshape(-1)
+    meta = lambda a: a.reshape(groups, 16, nblk).transpose(0, 2, 1).reshape(-1)
+    return inter, meta(d), meta(s), meta(sums)
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("batch,n", [(1, 32), (15, 64), (16, 576), (17, 96), (40, 160)])
+def test_quantize_q8_batch_interleaves_what_the_quantiser_makes(isa_name, batch, n, heap):
+    isa = require_isa(isa_name)
+    rng = np.random.default_rng(batch * 100 + n)
+    x = np.stack([q8_activation_cases(rng, n // 32) for _ in range(batch)])
+    _, got = quantize_q8_batch(isa, x, batch, n, heap)
+    for name, g, e in zip(("qs", "d", "s", "sum"), got, numpy_q8_batch(x, batch, n)):
+        np.testing.assert_array_equal(g, e, err_msg=name)
+
+
+def gemm_q8(isa: int, name: str, rows: np.ndarray, m: int, xb, nb: int, k: int, ldc: int, heap: Heap):
+    """ps_gemm_q8_isa into a NaN-filled exact-size c; returns (rc, c as (nb, ldc))."""
+    c = heap.put(np.full(nb * ldc, np.nan, dtype=np.float32), "float *")
+    rc = lib.ps_gemm_q8_isa(isa, TYPES[name][0], heap.put(rows, "void *"), m, xb, nb, k, c, ldc)
+    return rc, read(c, np.float32, nb * ldc).reshape(nb, ldc)
+
+
+def gemm_q8_case(name: str, m: int, nb: int, k: int, heap: Heap):
+    rng = np.random.default_rng(m * 10007 + nb * 101 + k)
+    rows = np.concatenate([random_row(name, k, rng, heap) for _ in range(m)])
+    x = np.stack([q8_activation_cases(rng, k // 32) if t % 3 == 0 else random_floats(rng, k) for t in range(nb)])
+    return rows, x
+
+
+@pytest.mark.parametrize("name", QUANTISED)
+@pytest.mark.parametrize("m,nb,k", GEMM_Q8_SHAPES)
+def test_scalar_gemm_q8_matches_numpy(name, m, nb, k, heap):
+    """The definition: per row and token, the exact integer dot of each block's codes scaled by
+    d_w * d_x (+ m * s for Q4_1), summed over the blocks in float32."""
+    rows, x = gemm_q8_case(name, m, nb, k, heap)
+    xb, _ = quantize_q8_batch(lib.PS_ISA_SCALAR, x, nb, k, heap)
+    rc, got = gemm_q8(lib.PS_ISA_SCALAR, name, rows, m, xb, nb, k, m + 3, heap)
+    assert rc == 0
+    assert np.all(np.isnan(got[:, m:]))                               # nothing written past m
+    row_bytes = len(rows) // m
+    for j in range(nb):
+        qs, d, s = numpy_quantize_q8(x[j])
+        for i in range(m):
+            expected, magnitude = numpy_dot_q8(name, rows[i * row_bytes:(i + 1) * row_bytes], qs, d, s)
+            assert abs(got[j, i] - expected) <= 1e-6 * magnitude, (j, i)
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("name", QUANTISED)
+def test_gemm_q8_of_every_isa_gives_the_scalar_bits(isa_name, name, heap):
+    """Where an isa has the kernel, every shape (rows past a tile, tokens past a group of 16,
+    a wider ldc) gives the scalar definition's bits; where it has none (Q8_0 without VNNI, whose
+    unsigned pairs could saturate vpmaddubsw; NEON) it returns -1 and writes nothing."""
+    isa = require_isa(isa_name)
+    has = not isa_name.startswith("neon") and (name != "q8_0" or isa_name not in ("avx2", "avx512"))
+    assert (traits(name, isa).gemm_q8 != ffi.NULL) == has
+    for m, nb, k in GEMM_Q8_SHAPES:
+        rows, x = gemm_q8_case(name, m, nb, k, heap)
+        xb, _ = quantize_q8_batch(isa, x, nb, k, heap)
+        rc, got = gemm_q8(isa, name, rows, m, xb, nb, k, m + 2, heap)
+        if not has:
+            assert rc == -1 and np.all(np.isnan(got))
+            continue
+        _, want = gemm_q8(lib.PS_ISA_SCALAR, name, rows, m, xb, nb, k, m + 2, heap)
+        assert rc == 0
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=f"{m}x{nb}x{k}")
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_gemm_q8_only_for_integer_types(name, heap):
+    has = traits(name, lib.PS_ISA_SCALAR).gemm_q8 != ffi.NULL
+    assert has == (name in QUANTISED)
+    xb, _ = quantize_q8_batch(lib.PS_ISA_SCALAR, np.ones((1, 32), np.float32), 1, 32, heap)
+    rows = np.zeros(128, np.uint8)
+    assert (gemm_q8(lib.PS_ISA_SCALAR, name, rows, 1, xb, 1, 32, 1, heap)[0] == 0) == has
+    if name in QUANTISED:     # k not a whole number of blocks
+        assert gemm_q8(lib.PS_ISA_SCALAR, name, rows, 1, xb, 1, 48, 1, heap)[0] == -1
+
+
+# ------------------------------------------------------------------------------------------
 # f16 / bf16
 
 ALL_HALVES = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
