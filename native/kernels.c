@@ -1104,7 +1104,7 @@ SIMD_Q8_DOT4(TARGET_AVX2, avx2, quantize_q8_avx2)
  * the float ones spill to L1, touched once per block) and 2 for Q4, whose codes take 2-3 more
  * steps to unpack: in cache (576 columns, 128 tokens, Zen 5) 185 and 131 G multiply-adds/s,
  * against 57 for dequantising into the f32 GEMM. */
-#define GEMM_Q8_AVX2(TARGET, isa, MUL_ACC)                                                     \
+#define GEMM_Q8_AVX2(TARGET, isa, MUL_ACC, VNNI)                                               \
     TARGET INLINE void gq_tile_##isa(const char *a, size_t row_bytes, const int R, const int type, \
                                      const ps_q8_batch *x, int64_t nblk, int64_t g, float out[][GQ_LANES]) { \
         __m256 f[4][2];                                                                        \
@@ -1117,7 +1117,7 @@ SIMD_Q8_DOT4(TARGET_AVX2, avx2, quantize_q8_avx2)
             __m256i init[2];                                                                   \
             for (int h = 0; h < 2; h++) {                                                      \
                 const __m256i sum = _mm256_loadu_si256((const __m256i *)(x->sum + meta + 8 * h)); \
-                init[h] = type == PS_TYPE_Q4_1 ? _mm256_setzero_si256()                        \
+                init[h] = type == PS_TYPE_Q4_1 || (type == PS_TYPE_Q8_0 && !VNNI) ? _mm256_setzero_si256() \
                         : _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sum, type == PS_TYPE_Q8_0 ? 7 : 3)); \
             }                                                                                  \
             _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) acc[r][0] = init[0], acc[r][1] = init[1];              \
@@ -1127,6 +1127,14 @@ SIMD_Q8_DOT4(TARGET_AVX2, avx2, quantize_q8_avx2)
                 _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                                  \
                     int32_t w4;                                                                \
                     __m256i w;                                                                 \
+                    if (type == PS_TYPE_Q8_0 && !VNNI) { /* |w| times x with w's sign */       \
+                        memcpy(&w4, ((const block_q8_0 *)(a + r * row_bytes))[b].qs + 4 * s, 4); \
+                        w = _mm256_set1_epi32(w4);                                             \
+                        const __m256i u = _mm256_sign_epi8(w, w);                              \
+                        acc[r][0] = MUL_ACC(acc[r][0], u, _mm256_sign_epi8(x0, w));            \
+                        acc[r][1] = MUL_ACC(acc[r][1], u, _mm256_sign_epi8(x1, w));            \
+                        continue;                                                              \
+                    }                                                                          \
                     if (type == PS_TYPE_Q8_0) {                                                \
                         memcpy(&w4, ((const block_q8_0 *)(a + r * row_bytes))[b].qs + 4 * s, 4); \
                         w = _mm256_xor_si256(_mm256_set1_epi32(w4), flip);                     \
@@ -1172,13 +1180,14 @@ SIMD_Q8_DOT4(TARGET_AVX2, avx2, quantize_q8_avx2)
                                      int64_t k, float *c, int64_t ldc) {                       \
         const size_t row_bytes = ps_row_bytes(type, k);                                        \
         const int64_t nblk = k / QK;                                                           \
-        const int R = type == PS_TYPE_Q8_0 ? 4 : 2;                                            \
+        const int R = type == PS_TYPE_Q8_0 && VNNI ? 4 : 2;                                    \
         const char *ac = a;                                                                    \
         int64_t i = 0;                                                                         \
         for (; i + R <= m; i += R) gq_rows_##isa(ac + i * row_bytes, row_bytes, R, type, x, nb, nblk, c + i, ldc); \
         for (; i < m; i++) gq_rows_##isa(ac + i * row_bytes, row_bytes, 1, type, x, nb, nblk, c + i, ldc); \
     }
-GEMM_Q8_AVX2(TARGET_AVX2, avx2, mul_acc_avx2)
+GEMM_Q8_AVX2(TARGET_AVX2, avx2, mul_acc_avx2, 0)
+GEMM_Q8_TYPE(TARGET_AVX2, avx2, q8_0, PS_TYPE_Q8_0)
 GEMM_Q8_TYPE(TARGET_AVX2, avx2, q4_0, PS_TYPE_Q4_0)
 GEMM_Q8_TYPE(TARGET_AVX2, avx2, q4_1, PS_TYPE_Q4_1)
 
@@ -1192,7 +1201,7 @@ TARGET_AVX2_VNNI INLINE __m256i mul_acc_avx2_vnni(__m256i acc, __m256i u, __m256
 }
 DOT_Q8_AVX2(TARGET_AVX2_VNNI, avx2_vnni, mul_sum_avx2_vnni, mul_acc_avx2_vnni)
 SIMD_Q8_DOT4(TARGET_AVX2_VNNI, avx2_vnni, quantize_q8_avx2)
-GEMM_Q8_AVX2(TARGET_AVX2_VNNI, avx2_vnni, mul_acc_avx2_vnni)
+GEMM_Q8_AVX2(TARGET_AVX2_VNNI, avx2_vnni, mul_acc_avx2_vnni, 1)
 GEMM_Q8_TYPE(TARGET_AVX2_VNNI, avx2_vnni, q8_0, PS_TYPE_Q8_0)
 GEMM_Q8_TYPE(TARGET_AVX2_VNNI, avx2_vnni, q4_0, PS_TYPE_Q4_0)
 GEMM_Q8_TYPE(TARGET_AVX2_VNNI, avx2_vnni, q4_1, PS_TYPE_Q4_1)
@@ -1801,7 +1810,7 @@ SIMD_Q8_DOT8(TARGET_AVX512, avx512, quantize_q8_avx512)
  * vector: tiles of 4 rows x 2 groups (8 integer and 8 float accumulators). In cache (576
  * columns, 128 tokens, Zen 5): Q8_0 327, Q4_1 277 G multiply-adds/s, against 95 for
  * dequantising into the f32 GEMM; 6 or 8 rows ran slower for Q4_1. */
-#define GEMM_Q8_AVX512(TARGET, isa, MUL_ACC)                                                   \
+#define GEMM_Q8_AVX512(TARGET, isa, MUL_ACC, VNNI)                                             \
     TARGET INLINE void gq_tile_##isa(const char *a, size_t row_bytes, const int R, const int T, const int type, \
                                      const ps_q8_batch *x, int64_t nblk, int64_t g, float out[][GQ_LANES]) { \
         __m512 f[4][2];                                                                        \
@@ -1817,7 +1826,7 @@ SIMD_Q8_DOT8(TARGET_AVX512, avx512, quantize_q8_avx512)
                 xq[t] = x->qs + ((g + t) * nblk + b) * GQ_BLOCK_BYTES;                         \
                 meta[t] = ((g + t) * nblk + b) * GQ_LANES;                                     \
                 const __m512i sum = _mm512_loadu_si512(x->sum + meta[t]);                      \
-                init[t] = type == PS_TYPE_Q4_1 ? _mm512_setzero_si512()                        \
+                init[t] = type == PS_TYPE_Q4_1 || (type == PS_TYPE_Q8_0 && !VNNI) ? _mm512_setzero_si512() \
                         : _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, type == PS_TYPE_Q8_0 ? 7 : 3)); \
             }                                                                                  \
             _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                                        \
@@ -1828,6 +1837,15 @@ SIMD_Q8_DOT8(TARGET_AVX512, avx512, quantize_q8_avx512)
                 _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                                  \
                     int32_t w4;                                                                \
                     __m512i w;                                                                 \
+                    if (type == PS_TYPE_Q8_0 && !VNNI) { /* |w| times x negated where w < 0 */ \
+                        memcpy(&w4, ((const block_q8_0 *)(a + r * row_bytes))[b].qs + 4 * s, 4); \
+                        w = _mm512_set1_epi32(w4);                                             \
+                        const __mmask64 neg = _mm512_movepi8_mask(w);                          \
+                        const __m512i u = _mm512_abs_epi8(w);                                  \
+                        _Pragma("GCC unroll 2") for (int t = 0; t < T; t++)                    \
+                            acc[r][t] = MUL_ACC(acc[r][t], u, _mm512_mask_sub_epi8(xv[t], neg, _mm512_setzero_si512(), xv[t])); \
+                        continue;                                                              \
+                    }                                                                          \
                     if (type == PS_TYPE_Q8_0) {                                                \
                         memcpy(&w4, ((const block_q8_0 *)(a + r * row_bytes))[b].qs + 4 * s, 4); \
                         w = _mm512_xor_si512(_mm512_set1_epi32(w4), flip);                     \
@@ -1881,7 +1899,8 @@ SIMD_Q8_DOT8(TARGET_AVX512, avx512, quantize_q8_avx512)
         for (; i + 4 <= m; i += 4) gq_rows_##isa(ac + i * row_bytes, row_bytes, 4, type, x, nb, nblk, c + i, ldc); \
         for (; i < m; i++) gq_rows_##isa(ac + i * row_bytes, row_bytes, 1, type, x, nb, nblk, c + i, ldc); \
     }
-GEMM_Q8_AVX512(TARGET_AVX512, avx512, mul_acc_avx512)
+GEMM_Q8_AVX512(TARGET_AVX512, avx512, mul_acc_avx512, 0)
+GEMM_Q8_TYPE(TARGET_AVX512, avx512, q8_0, PS_TYPE_Q8_0)
 GEMM_Q8_TYPE(TARGET_AVX512, avx512, q4_0, PS_TYPE_Q4_0)
 GEMM_Q8_TYPE(TARGET_AVX512, avx512, q4_1, PS_TYPE_Q4_1)
 
@@ -1894,7 +1913,7 @@ TARGET_AVX512_VNNI INLINE __m512i mul_acc_avx512_vnni(__m512i acc, __m512i u, __
 }
 DOT_Q8_AVX512(TARGET_AVX512_VNNI, avx512_vnni, mul_sum_avx512_vnni, mul_acc_avx512_vnni)
 SIMD_Q8_DOT8(TARGET_AVX512_VNNI, avx512_vnni, quantize_q8_avx512)
-GEMM_Q8_AVX512(TARGET_AVX512_VNNI, avx512_vnni, mul_acc_avx512_vnni)
+GEMM_Q8_AVX512(TARGET_AVX512_VNNI, avx512_vnni, mul_acc_avx512_vnni, 1)
 GEMM_Q8_TYPE(TARGET_AVX512_VNNI, avx512_vnni, q8_0, PS_TYPE_Q8_0)
 GEMM_Q8_TYPE(TARGET_AVX512_VNNI, avx512_vnni, q4_0, PS_TYPE_Q4_0)
 GEMM_Q8_TYPE(TARGET_AVX512_VNNI, avx512_vnni, q4_1, PS_TYPE_Q4_1)
@@ -2387,8 +2406,7 @@ static int cpu_supports(int isa) {
 }
 
 /* Prompt batches in int8, per ISA and type; NULL where there is no such kernel (the float
- * types; Q8_0 without VNNI, whose vpmaddubsw pairs of unsigned codes could saturate; NEON,
- * which has no such kernel yet). The scalar one is the definition. */
+ * types; NEON, which has none yet). The scalar one is the definition. */
 typedef void (*gemm_q8_fn)(const void *a, int64_t m, const ps_q8_batch *x, int64_t nb, int64_t k, float *c,
                            int64_t ldc);
 #define GEMM_Q8_ROW(isa) { [PS_TYPE_Q8_0] = gemm_q8_q8_0_##isa, [PS_TYPE_Q4_0] = gemm_q8_q4_0_##isa, \
@@ -2396,11 +2414,11 @@ typedef void (*gemm_q8_fn)(const void *a, int64_t m, const ps_q8_batch *x, int64
 static const gemm_q8_fn isa_gemm_q8[PS_ISA_COUNT][PS_TYPE_COUNT] = {
     [PS_ISA_SCALAR]       = GEMM_Q8_ROW(scalar),
 #if defined(__x86_64__)
-    [PS_ISA_AVX2]         = { [PS_TYPE_Q4_0] = gemm_q8_q4_0_avx2, [PS_TYPE_Q4_1] = gemm_q8_q4_1_avx2 },
+    [PS_ISA_AVX2]         = GEMM_Q8_ROW(avx2),
 #if HAVE_AVX_VNNI
     [PS_ISA_AVX2_VNNI]    = GEMM_Q8_ROW(avx2_vnni),
 #endif
-    [PS_ISA_AVX512]       = { [PS_TYPE_Q4_0] = gemm_q8_q4_0_avx512, [PS_TYPE_Q4_1] = gemm_q8_q4_1_avx512 },
+    [PS_ISA_AVX512]       = GEMM_Q8_ROW(avx512),
     [PS_ISA_AVX512_VNNI]  = GEMM_Q8_ROW(avx512_vnni),
 #if HAVE_AVX512_BF16
     [PS_ISA_AVX512_BF16]  = GEMM_Q8_ROW(avx512_vnni),

@@ -33,8 +33,8 @@ def has_integer_kernel(type_id: int) -> bool:
 
 
 def has_integer_prompt_kernel(type_id: int) -> bool:
-    """The tensor type's prompt batches read 8-bit activations in q8 mode too (gemm_q8: every
-    integer type with VNNI, Q4_0 and Q4_1 on any AVX2 or AVX-512 CPU; not on NEON)."""
+    """The tensor type's prompt batches read 8-bit activations in q8 mode too (gemm_q8: the
+    integer types on x86; not on NEON yet)."""
     t = lib.ps_type_traits_for(int(type_id), -1)
     return t != ffi.NULL and t.gemm_q8 != ffi.NULL
 

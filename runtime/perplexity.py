@@ -40,8 +40,9 @@ def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 def evaluation_mode(rt: Runtime, requested: str) -> tuple[bool, str]:
     """Whether to evaluate token by token, and what the activations are, for the log. Sparse
     modes run on the decode path; so does an explicit "q8" on a file with integer weights whose
-    batches read f32 on this CPU (Q8_0 without VNNI; NEON). Elsewhere q8 batches read what their
-    tokens read: 8 bits for integer weights, bf16 for BF16 ones where the CPU has AVX512-BF16."""
+    batches read f32 on this CPU (NEON, which has no integer prompt kernel yet). Elsewhere q8
+    batches read what their tokens read: 8 bits for integer weights, bf16 for BF16 ones where
+    the CPU has AVX512-BF16."""
     float_batches = any(has_integer_kernel(t.type) and not has_integer_prompt_kernel(t.type)
                         for t in rt._gguf.tensors.values())
     if rt.sparse != "dense" or (requested == "q8" and float_batches):
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="how token-by-token evaluation reads its input (default: auto, q8 for Q8_0/Q4_0/Q4_1 "
                         "weights, and for BF16 ones where the CPU has AVX512-BF16: bf16, batches too); an "
                         "explicit q8 evaluates token by token where this CPU's batches of such weights read f32 "
-                        "(Q8_0 without VNNI, NEON)")
+                        "(NEON)")
     p.add_argument("--kv-type", choices=list(KV_TYPES), default="f32",
                    help="what the KV cache stores keys and values in (default: f32)")
     args = p.parse_args(argv)

@@ -289,8 +289,8 @@ def test_q8_sparse_exact_mode_quantises_gathered_rows(tmp_path, outtype):
 def test_q8_stays_close_to_f32_and_batches_read_what_decoding_reads(tmp_path, outtype):
     """A prompt batch in q8 mode reads 8-bit inputs through the integer GEMM, the same
     quantisation as decoding token by token: the two agree to float rounding (the sums run in
-    another order), as the f32 ones do. (Q8_0 without VNNI, and NEON, have no such kernel: their
-    batches read float32, matching the f32 path instead.)"""
+    another order), as the f32 ones do. (NEON has no such kernel yet: its batches read float32,
+    matching the f32 path instead.)"""
     model = tiny_llama(K.ACT_SILU, seed=7)
     path = to_gguf(model, tmp_path / "m.gguf", outtype)
     with Runtime(path, n_ctx=64, threads=2) as rt:
