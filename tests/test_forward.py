@@ -302,6 +302,9 @@ def test_q8_stays_close_to_f32_and_batches_read_what_decoding_reads(tmp_path, ou
         batch_f32 = rt.evaluate(PROMPT)
     assert 0 < rel_err(q8, f32) <= 5e-2                         # measured: 1.7e-2 .. 3.0e-2 on these models
     assert rel_err(batch_f32, f32) <= 1e-5
+    for threads in (1, 3):          # the batch is packed by groups of 16 tokens, shared among threads
+        with Runtime(path, n_ctx=64, threads=threads) as rt:
+            np.testing.assert_array_equal(rt.evaluate(PROMPT), batch_q8)
     if prompt_kernel_here(outtype):
         assert rel_err(batch_q8, q8) <= 1e-5                    # measured: ~3e-7
         assert rel_err(batch_q8, batch_f32) > 1e-3
