@@ -2250,6 +2250,84 @@ INLINE int32x4_t dot_s8_neon(int32x4_t acc, int8x16_t a, int8x16_t b) {
 DOT_Q8_NEON(, neon, dot_s8_neon)
 SIMD_Q8(, neon, quantize_q8_neon)
 
+/* acc + lane i's sum of the products a*b of bytes 4i..4i+3 (sdot's lanes; dot_s8_neon pairs
+ * other bytes, which only a whole-vector sum may): pairs of int16 products (|a*b| <= 128*127)
+ * added into int16 pairs, then into int32 */
+INLINE int32x4_t dot4_s8_neon(int32x4_t acc, int8x16_t a, int8x16_t b) {
+    return vpadalq_s16(acc, vpaddq_s16(vmull_s8(vget_low_s8(a), vget_low_s8(b)), vmull_high_s8(a, b)));
+}
+
+/* Prompt batches in int8 (gemm_q8_scalar's definition), as the x86 kernels (GEMM_Q8_AVX2) with
+ * signed codes (NEON multiplies signed bytes, so nothing is offset: Q4_0's codes less 8): tiles
+ * of 2 rows x a group of 16 tokens in four vectors, 8 integer and 8 float accumulators. */
+#define GEMM_Q8_NEON(TARGET, isa, DOT4)                                                        \
+    TARGET INLINE void gq_tile_##isa(const char *a, size_t row_bytes, const int R, const int type, \
+                                     const ps_q8_batch *x, int64_t nblk, int64_t g, float out[][GQ_LANES]) { \
+        float32x4_t f[2][4];                                                                   \
+        int32x4_t acc[2][4];                                                                   \
+        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)                                    \
+            _Pragma("GCC unroll 4") for (int h = 0; h < 4; h++) f[r][h] = vdupq_n_f32(0.0f);   \
+        for (int64_t b = 0; b < nblk; b++) {                                                   \
+            const int8_t *xq = x->qs + (g * nblk + b) * GQ_BLOCK_BYTES;                        \
+            const int64_t meta = (g * nblk + b) * GQ_LANES;                                    \
+            _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)                                \
+                _Pragma("GCC unroll 4") for (int h = 0; h < 4; h++) acc[r][h] = vdupq_n_s32(0); \
+            _Pragma("GCC unroll 8") for (int s = 0; s < QK / 4; s++) {                         \
+                int8x16_t xv[4];                                                               \
+                _Pragma("GCC unroll 4") for (int h = 0; h < 4; h++) xv[h] = vld1q_s8(xq + s * GQ_STEP_BYTES + 16 * h); \
+                _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) {                          \
+                    int32_t w4;                                                                \
+                    int8x16_t w;                                                               \
+                    if (type == PS_TYPE_Q8_0) {                                                \
+                        memcpy(&w4, ((const block_q8_0 *)(a + r * row_bytes))[b].qs + 4 * s, 4); \
+                        w = vreinterpretq_s8_s32(vdupq_n_s32(w4));                             \
+                    } else {                                                                   \
+                        memcpy(&w4, q4_codes(a + r * row_bytes, b, type) + 4 * (s & 3), 4);    \
+                        const uint8x16_t q = vreinterpretq_u8_s32(vdupq_n_s32(w4));            \
+                        w = vreinterpretq_s8_u8(s < 4 ? vandq_u8(q, vdupq_n_u8(0xf)) : vshrq_n_u8(q, 4)); \
+                        if (type == PS_TYPE_Q4_0) w = vsubq_s8(w, vdupq_n_s8(8));              \
+                    }                                                                          \
+                    _Pragma("GCC unroll 4") for (int h = 0; h < 4; h++) acc[r][h] = DOT4(acc[r][h], w, xv[h]); \
+                }                                                                              \
+            }                                                                                  \
+            _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) {                              \
+                uint16_t dh, mh;                                                               \
+                block_halves(a + r * row_bytes, b, type, &dh, &mh);                            \
+                const float dw = f16_neon(dh), mw = f16_neon(mh);                              \
+                _Pragma("GCC unroll 4") for (int h = 0; h < 4; h++) {                          \
+                    const float32x4_t sc = vmulq_n_f32(vld1q_f32(x->d + meta + 4 * h), dw);    \
+                    f[r][h] = vfmaq_f32(f[r][h], vcvtq_f32_s32(acc[r][h]), sc);                \
+                    if (type == PS_TYPE_Q4_1) f[r][h] = vfmaq_f32(f[r][h], vdupq_n_f32(mw), vld1q_f32(x->s + meta + 4 * h)); \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)                                    \
+            _Pragma("GCC unroll 4") for (int h = 0; h < 4; h++) vst1q_f32(out[r] + 4 * h, f[r][h]); \
+    }                                                                                          \
+    TARGET INLINE void gq_rows_##isa(const char *a, size_t row_bytes, const int R, const int type, \
+                                     const ps_q8_batch *x, int64_t nb, int64_t nblk, float *c, int64_t ldc) { \
+        float out[2][GQ_LANES];                                                                \
+        for (int64_t g = 0; g < ps_q8_batch_groups(nb); g++) {                                 \
+            gq_tile_##isa(a, row_bytes, R, type, x, nblk, g, out);                             \
+            const int64_t lanes = MIN(nb - g * GQ_LANES, GQ_LANES);                            \
+            for (int64_t l = 0; l < lanes; l++)                                                \
+                for (int r = 0; r < R; r++) c[(g * GQ_LANES + l) * ldc + r] = out[r][l];      \
+        }                                                                                      \
+    }                                                                                          \
+    TARGET INLINE void gemm_q8_##isa(const int type, const void *a, int64_t m, const ps_q8_batch *x, int64_t nb, \
+                                     int64_t k, float *c, int64_t ldc) {                       \
+        const size_t row_bytes = ps_row_bytes(type, k);                                        \
+        const int64_t nblk = k / QK;                                                           \
+        const char *ac = a;                                                                    \
+        int64_t i = 0;                                                                         \
+        for (; i + 2 <= m; i += 2) gq_rows_##isa(ac + i * row_bytes, row_bytes, 2, type, x, nb, nblk, c + i, ldc); \
+        for (; i < m; i++) gq_rows_##isa(ac + i * row_bytes, row_bytes, 1, type, x, nb, nblk, c + i, ldc); \
+    }
+GEMM_Q8_NEON(, neon, dot4_s8_neon)
+GEMM_Q8_TYPE(, neon, q8_0, PS_TYPE_Q8_0)
+GEMM_Q8_TYPE(, neon, q4_0, PS_TYPE_Q4_0)
+GEMM_Q8_TYPE(, neon, q4_1, PS_TYPE_Q4_1)
+
 #if defined(__clang__)
 #define TARGET_DOTPROD __attribute__((target("dotprod")))
 #else
@@ -2260,6 +2338,10 @@ TARGET_DOTPROD INLINE int32x4_t dot_s8_neon_dotprod(int32x4_t acc, int8x16_t a, 
 }
 DOT_Q8_NEON(TARGET_DOTPROD, neon_dotprod, dot_s8_neon_dotprod)
 SIMD_Q8(TARGET_DOTPROD, neon_dotprod, quantize_q8_neon)
+GEMM_Q8_NEON(TARGET_DOTPROD, neon_dotprod, dot_s8_neon_dotprod)
+GEMM_Q8_TYPE(TARGET_DOTPROD, neon_dotprod, q8_0, PS_TYPE_Q8_0)
+GEMM_Q8_TYPE(TARGET_DOTPROD, neon_dotprod, q4_0, PS_TYPE_Q4_0)
+GEMM_Q8_TYPE(TARGET_DOTPROD, neon_dotprod, q4_1, PS_TYPE_Q4_1)
 #endif /* __aarch64__ */
 
 /* ---------------------------------------------------------------------------------------- */
@@ -2405,8 +2487,8 @@ static int cpu_supports(int isa) {
     }
 }
 
-/* Prompt batches in int8, per ISA and type; NULL where there is no such kernel (the float
- * types; NEON, which has none yet). The scalar one is the definition. */
+/* Prompt batches in int8, per ISA and type; NULL for the float types. The scalar one is the
+ * definition. */
 typedef void (*gemm_q8_fn)(const void *a, int64_t m, const ps_q8_batch *x, int64_t nb, int64_t k, float *c,
                            int64_t ldc);
 #define GEMM_Q8_ROW(isa) { [PS_TYPE_Q8_0] = gemm_q8_q8_0_##isa, [PS_TYPE_Q4_0] = gemm_q8_q4_0_##isa, \
@@ -2423,6 +2505,10 @@ static const gemm_q8_fn isa_gemm_q8[PS_ISA_COUNT][PS_TYPE_COUNT] = {
 #if HAVE_AVX512_BF16
     [PS_ISA_AVX512_BF16]  = GEMM_Q8_ROW(avx512_vnni),
 #endif
+#endif
+#if defined(__aarch64__)
+    [PS_ISA_NEON]         = GEMM_Q8_ROW(neon),
+    [PS_ISA_NEON_DOTPROD] = GEMM_Q8_ROW(neon_dotprod),
 #endif
 };
 

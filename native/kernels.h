@@ -106,7 +106,7 @@ typedef struct {
      * over the blocks in order, acc = fma(float(the exact integer dot of the block's codes),
      * d_w * d_x, acc), then for Q4_1 acc = fma(m, s_x, acc); the same bits in every isa that
      * has it (tiles of rows x 16 tokens, 4 codes per 32-bit lane: 2.3-3.4x the f32 GEMM on
-     * dequantised rows). NULL for the float types, and on NEON (no such kernel yet). */
+     * dequantised rows). NULL for the float types. */
     void  (*gemm_q8)(const void *a, int64_t m, const ps_q8_batch *x, int64_t nb, int64_t k, float *c, int64_t ldc);
 } ps_type_traits;
 

@@ -19,9 +19,9 @@ enum { PS_SPARSE_DENSE = 0, PS_SPARSE_EXACT = 1, PS_SPARSE_PREDICTOR = 2 };
 /* How mat-muls read their input: F32 as it is; Q8 quantised, as llama.cpp does. In Q8 mode a
  * single token's input is quantised to 8 bits per block of 32 (ps_quantize_q8, once per vector)
  * for every weight whose type has an integer kernel (Q8_0, Q4_0, Q4_1), which then runs integer
- * dot products; a prompt batch's the same way, token by token, for the integer GEMM (gemm_q8,
- * x86; on NEON the batch reads float32). BF16 weights, where the CPU has AVX512-BF16, read the input rounded to bf16
- * (a single token's and a prompt's: vdpbf16ps); other float weights read float32 either way. */
+ * dot products; a prompt batch's the same way, token by token, for the integer GEMM
+ * (gemm_q8). BF16 weights, where the CPU has AVX512-BF16, read the input rounded to bf16 (a
+ * single token's and a prompt's: vdpbf16ps); other float weights read float32 either way. */
 enum { PS_ACTIVATIONS_F32 = 0, PS_ACTIVATIONS_Q8 = 1 };
 /* What the predictor reads: the residual stream before ffn_norm (PowerInfer's choice for
  * LLaMA) or the normalised FFN input. */

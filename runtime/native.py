@@ -27,16 +27,10 @@ def check_name(kind: str, name: str, names) -> None:
 
 
 def has_integer_kernel(type_id: int) -> bool:
-    """The tensor type has an int8 kernel (dot_q8): 8-bit activations in q8 mode."""
+    """The tensor type has int8 kernels (dot_q8, and gemm_q8 for prompt batches): 8-bit
+    activations in q8 mode."""
     t = lib.ps_type_traits_for(int(type_id), -1)
     return t != ffi.NULL and t.dot_q8 != ffi.NULL
-
-
-def has_integer_prompt_kernel(type_id: int) -> bool:
-    """The tensor type's prompt batches read 8-bit activations in q8 mode too (gemm_q8: the
-    integer types on x86; not on NEON yet)."""
-    t = lib.ps_type_traits_for(int(type_id), -1)
-    return t != ffi.NULL and t.gemm_q8 != ffi.NULL
 
 
 class NativeError(RuntimeError):

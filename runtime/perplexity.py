@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .api import ACTIVATION_MODES, USER_ERRORS, Runtime
-from .native import KV_TYPES, has_integer_kernel, has_integer_prompt_kernel
+from .native import KV_TYPES
 
 
 @dataclass
@@ -37,15 +37,11 @@ def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return x[np.arange(len(targets)), targets] - np.log(np.exp(x).sum(axis=1))
 
 
-def evaluation_mode(rt: Runtime, requested: str) -> tuple[bool, str]:
+def evaluation_mode(rt: Runtime) -> tuple[bool, str]:
     """Whether to evaluate token by token, and what the activations are, for the log. Sparse
-    modes run on the decode path; so does an explicit "q8" on a file with integer weights whose
-    batches read f32 on this CPU (NEON, which has no integer prompt kernel yet). Elsewhere q8
-    batches read what their tokens read: 8 bits for integer weights, bf16 for BF16 ones where
-    the CPU has AVX512-BF16."""
-    float_batches = any(has_integer_kernel(t.type) and not has_integer_prompt_kernel(t.type)
-                        for t in rt._gguf.tensors.values())
-    if rt.sparse != "dense" or (requested == "q8" and float_batches):
+    modes run on the decode path. Batches read what their tokens read: in q8 mode 8 bits for
+    integer weights, bf16 for BF16 ones where the CPU has AVX512-BF16."""
+    if rt.sparse != "dense":
         return True, rt.activations
     if rt.activations == "f32":
         return False, "f32 (batches)"
@@ -98,10 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="FFN mode; anything but dense evaluates token by token (decode path)")
     p.add_argument("--predictor-threshold", type=float, default=None, metavar="T")
     p.add_argument("--activations", choices=ACTIVATION_MODES, default="auto",
-                   help="how token-by-token evaluation reads its input (default: auto, q8 for Q8_0/Q4_0/Q4_1 "
-                        "weights, and for BF16 ones where the CPU has AVX512-BF16: bf16, batches too); an "
-                        "explicit q8 evaluates token by token where this CPU's batches of such weights read f32 "
-                        "(NEON)")
+                   help="how mat-muls read their input (default: auto, q8: 8 bits for Q8_0/Q4_0/Q4_1 "
+                        "weights, and bf16 for BF16 ones where the CPU has AVX512-BF16; batches and single "
+                        "tokens alike)")
     p.add_argument("--kv-type", choices=list(KV_TYPES), default="f32",
                    help="what the KV cache stores keys and values in (default: f32)")
     args = p.parse_args(argv)
@@ -114,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 rt.set_predictor_threshold(args.predictor_threshold)
             tokens = rt.tokenize(text, add_bos=False)
             start = time.perf_counter()
-            sequential, how = evaluation_mode(rt, args.activations)
+            sequential, how = evaluation_mode(rt)
             print(f"prosparse-perplexity: {len(tokens)} tokens, chunks of {args.ctx_size}, FFN mode {rt.sparse}, "
                   f"activations {how}", file=sys.stderr)
             result = perplexity(rt, tokens, args.ctx_size, args.chunks, sequential=sequential,

@@ -6,7 +6,7 @@
  *   axpy4 the same bits as four of the table's axpys (rows of one row's blocks, rotated);
  *   quantize_q8 byte for byte; dot_q8 within 1e-5 of the block-wise magnitude; exp bit for bit;
  *   weighted_sum (F32 and F16 rows) within 1e-5 of sum |w r|; scores within 1e-5 of sum |q k|;
- *   to_bf16 bit for bit.
+ *   to_bf16 bit for bit; the batch packing for gemm_q8 byte for byte, gemm_q8 bit for bit.
  * Prints one line per ISA ("<isa> ok <checks>" or the first failure) and "available: ..."; the
  * exit status is the number of failing ISAs. */
 #include "kernels.h"
@@ -64,6 +64,48 @@ static double dot64(const float *a, int64_t sa, const float *b, int64_t sb, int6
 static int fail(const char *isa, const char *what, int type, int64_t n, double got, double want) {
     printf("%s FAIL %s type %d n %lld: %.9g vs %.9g\n", isa, what, type, (long long)n, got, want);
     return 1;
+}
+
+/* gemm_q8: the batch packing byte for byte, then the product bit for bit, against the scalar
+ * table, for each integer type over shapes with rows past a tile and tokens past a group of 16 */
+static int check_gemm_q8(int isa, const char *name, long *checks) {
+    static const int64_t shapes[][3] = { { 16, 40, 576 }, { 5, 17, 96 }, { 1, 1, 32 } };
+    static const int types[] = { PS_TYPE_Q8_0, PS_TYPE_Q4_0, PS_TYPE_Q4_1 };
+    int failed = 0;
+    for (size_t ti = 0; ti < sizeof types / sizeof types[0] && !failed; ti++)
+        for (size_t si = 0; si < sizeof shapes / sizeof shapes[0] && !failed; si++) {
+            const int64_t m = shapes[si][0], nb = shapes[si][1], k = shapes[si][2];
+            const int64_t lanes = ps_q8_batch_groups(nb) * 16;
+            const ps_type_traits *ref = ps_type_traits_for(types[ti], PS_ISA_SCALAR);
+            const size_t row_bytes = ps_row_bytes(types[ti], k);
+            char *rows = malloc(row_bytes * (size_t)m);
+            float *x = malloc(sizeof(float) * (size_t)(nb * k)), *tmp = malloc(sizeof(float) * (size_t)k);
+            float *c = malloc(sizeof(float) * (size_t)(nb * m)), *c_ref = malloc(sizeof(float) * (size_t)(nb * m));
+            ps_q8_vec one = { malloc((size_t)k), malloc(sizeof(float) * (size_t)(k / 32)), malloc(sizeof(float) * (size_t)(k / 32)) };
+            ps_q8_batch xb[2];
+            for (int v = 0; v < 2; v++)
+                xb[v] = (ps_q8_batch){ malloc((size_t)(lanes * k)), malloc(sizeof(float) * (size_t)(lanes * k / 32)),
+                                       malloc(sizeof(float) * (size_t)(lanes * k / 32)),
+                                       malloc(sizeof(int32_t) * (size_t)(lanes * k / 32)) };
+            for (int64_t r = 0; r < m; r++) random_row(ref, rows + (size_t)r * row_bytes, k, tmp);
+            random_floats(x, nb * k);
+            ps_quantize_q8_batch_isa(PS_ISA_SCALAR, x, nb, k, &one, &xb[0]);
+            ps_quantize_q8_batch_isa(isa, x, nb, k, &one, &xb[1]);
+            const size_t meta = sizeof(float) * (size_t)(lanes * k / 32);
+            if (memcmp(xb[0].qs, xb[1].qs, (size_t)(lanes * k)) != 0 || memcmp(xb[0].d, xb[1].d, meta) != 0 ||
+                memcmp(xb[0].s, xb[1].s, meta) != 0 || memcmp(xb[0].sum, xb[1].sum, meta) != 0)
+                failed = fail(name, "quantize_q8_batch", types[ti], k, 0, 0);
+            if (!failed && (ps_gemm_q8_isa(PS_ISA_SCALAR, types[ti], rows, m, &xb[0], nb, k, c_ref, m) != 0 ||
+                            ps_gemm_q8_isa(isa, types[ti], rows, m, &xb[0], nb, k, c, m) != 0))
+                failed = fail(name, "gemm_q8 missing", types[ti], k, 0, 0);
+            for (int64_t i = 0; i < nb * m && !failed; i++)
+                if (memcmp(&c[i], &c_ref[i], sizeof(float)) != 0) failed = fail(name, "gemm_q8", types[ti], k, c[i], c_ref[i]);
+            *checks += 2;
+            for (int v = 0; v < 2; v++) { free(xb[v].qs); free(xb[v].d); free(xb[v].s); free(xb[v].sum); }
+            free(one.qs); free(one.d); free(one.s);
+            free(rows); free(x); free(tmp); free(c); free(c_ref);
+        }
+    return failed;
 }
 
 static int check_isa(int isa) {
@@ -199,6 +241,7 @@ static int check_isa(int isa) {
     if (!failed && memcmp(b16, b16_ref, sizeof(uint16_t) * (max_n / 2)) != 0)
         failed = fail(name, "to_bf16", 0, max_n / 2, 0, 0);
     checks += 1;
+    if (!failed) failed = check_gemm_q8(isa, name, &checks);
     if (!failed) printf("%s ok %ld\n", name, checks);
     free(x); free(w); free(w2); free(y); free(y_ref); free(tmp); free(row);
     free(qs); free(qs_ref); free(d); free(s); free(d_ref); free(s_ref);

@@ -172,12 +172,6 @@ HF_TO_GGUF = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_pro
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
 
-def prompt_kernel_here(outtype: str) -> bool:
-    """This CPU's best isa has the integer prompt kernel (gemm_q8) for outtype."""
-    from prosparse.native import ffi, lib
-    return lib.ps_type_traits_for(getattr(lib, f"PS_TYPE_{outtype.upper()}"), -1).gemm_q8 != ffi.NULL
-
-
 def q8_roundtrip(x: torch.Tensor) -> torch.Tensor:
     """x through the runtime's activation quantiser and back, in float32: per block of 32,
     d = max|x| / 127, q = x * (127 / max|x|) rounded half to even (torch.round), x ~ q * d."""
@@ -254,10 +248,9 @@ def test_q8_decoding_matches_transformers_quantising_the_same_inputs(tmp_path):
                 rt.activations = "f32"
                 ours_f32 = rt.evaluate(PROMPT, sequential=True)
             assert rel_err(ours, ref) <= 5e-2, (outtype, seed)
-            if prompt_kernel_here(outtype):      # the prompt's integer GEMM: the same inputs
-                assert rel_err(batched, ref) <= 5e-2, (outtype, seed)
-                agree += agreeing_positions(batched, ref)
-                total += len(PROMPT)
+            assert rel_err(batched, ref) <= 5e-2, (outtype, seed)   # the prompt's integer GEMM
+            agree += agreeing_positions(batched, ref)
+            total += len(PROMPT)
             assert agreeing_positions(ours_f32, ref) == 0, (outtype, seed)
             agree += agreeing_positions(ours, ref)
             total += len(PROMPT)
@@ -289,8 +282,8 @@ def test_q8_sparse_exact_mode_quantises_gathered_rows(tmp_path, outtype):
 def test_q8_stays_close_to_f32_and_batches_read_what_decoding_reads(tmp_path, outtype):
     """A prompt batch in q8 mode reads 8-bit inputs through the integer GEMM, the same
     quantisation as decoding token by token: the two agree to float rounding (the sums run in
-    another order), as the f32 ones do. (NEON has no such kernel yet: its batches read float32,
-    matching the f32 path instead.)"""
+    another order), as the f32 ones do, but for an input within an ulp or so of a rounding
+    boundary (see the test above)."""
     model = tiny_llama(K.ACT_SILU, seed=7)
     path = to_gguf(model, tmp_path / "m.gguf", outtype)
     with Runtime(path, n_ctx=64, threads=2) as rt:
@@ -305,11 +298,9 @@ def test_q8_stays_close_to_f32_and_batches_read_what_decoding_reads(tmp_path, ou
     for threads in (1, 3):          # the batch is packed by groups of 16 tokens, shared among threads
         with Runtime(path, n_ctx=64, threads=threads) as rt:
             np.testing.assert_array_equal(rt.evaluate(PROMPT), batch_q8)
-    if prompt_kernel_here(outtype):
-        assert rel_err(batch_q8, q8) <= 1e-5                    # measured: ~3e-7
-        assert rel_err(batch_q8, batch_f32) > 1e-3
-    else:
-        np.testing.assert_array_equal(batch_q8, batch_f32)
+    assert rel_err(batch_q8, q8) <= 5e-2
+    assert agreeing_positions(batch_q8, q8) >= 0.85 * len(PROMPT)   # measured: all, within ~3e-7
+    assert agreeing_positions(batch_q8, batch_f32) == 0
 
 
 # ------------------------------------------------------------------------------------------

@@ -64,22 +64,18 @@ def test_cli_prints_llama_cpp_final_estimate(tmp_path, smollm2_path):
     assert re.search(r"\[1\]\d+\.\d{4}, \[2\]\d+\.\d{4},", r.stdout)
 
 
-def test_an_explicit_q8_goes_token_by_token_only_where_batches_read_f32(tmp_path):
-    """Integer weights' batches read 8 bits where the CPU has their prompt kernel (gemm_q8), else
-    f32, and then --activations q8 evaluates token by token; BF16 weights' batches read what
-    their tokens read (bf16 where the CPU has AVX512-BF16)."""
-    from prosparse.native import has_integer_prompt_kernel, lib
+def test_dense_mode_evaluates_in_batches_and_sparse_modes_token_by_token(tmp_path):
+    """Batches read what single tokens read (8 bits for integer weights, bf16 for BF16 ones where
+    the CPU has AVX512-BF16), so only a sparse mode, which prompt batches do not run, goes token
+    by token."""
     from prosparse.perplexity import evaluation_mode
     model = tiny_llama(seed=22)
-    cases = [(t, not has_integer_prompt_kernel(getattr(lib, f"PS_TYPE_{t.upper()}"))) for t in ("q8_0", "q4_1")]
-    for outtype, sequential in cases + [("bf16", False), ("f32", False)]:
+    for outtype in ("q8_0", "q4_1", "bf16", "f32"):
         with Runtime(to_gguf(model, tmp_path / f"{outtype}.gguf", outtype), n_ctx=32, threads=1,
                      activations="q8") as rt:
-            assert evaluation_mode(rt, "q8") == (sequential, "q8" if sequential else
-                                                 "q8 (batches: 8-bit for integer weights, bf16 for BF16 ones, "
-                                                 "f32 for others)")
-            assert evaluation_mode(rt, "auto")[0] is False
+            assert evaluation_mode(rt) == (False, "q8 (batches: 8-bit for integer weights, bf16 for BF16 ones, "
+                                                  "f32 for others)")
             rt.activations = "f32"
-            assert evaluation_mode(rt, "f32") == (False, "f32 (batches)")
+            assert evaluation_mode(rt) == (False, "f32 (batches)")
             rt.sparse = "exact"
-            assert evaluation_mode(rt, "f32") == (True, "f32")
+            assert evaluation_mode(rt) == (True, "f32")
