@@ -448,34 +448,37 @@ int ps_quantize_q8_batch_isa(int isa, const float *x, int64_t batch, int64_t n, 
 
 /* The definition every ISA's gemm_q8 follows, bit for bit: for each row and token, over the
  * blocks in order, acc = fma(float(the block's exact integer dot), d_w * d_x, acc), then for
- * Q4_1 acc = fma(m, s_x, acc). The row's block is unpacked once and meets every token. */
+ * Q4_1 acc = fma(m, s_x, acc). Here a row's block is unpacked once, then meets a group's 16
+ * tokens with the tokens innermost (a loop the compiler vectorises). */
 static void gemm_q8_scalar(int type, const void *a, int64_t m, const ps_q8_batch *x, int64_t nb, int64_t k,
                            float *c, int64_t ldc) {
     const int64_t nblk = k / QK;
     const size_t row_bytes = ps_row_bytes(type, k);
     for (int64_t i = 0; i < m; i++) {
         const void *row = (const char *)a + (size_t)i * row_bytes;
-        for (int64_t j = 0; j < nb; j++) c[j * ldc + i] = 0.0f;
-        for (int64_t b = 0; b < nblk; b++) {
-            int8_t w[QK];
-            uint16_t dh, mh;
-            block_halves(row, b, type, &dh, &mh);
-            const float dw = ps_f16_to_f32(dh), mw = ps_f16_to_f32(mh);
-            for (int e = 0; e < QK; e++) {
-                if (type == PS_TYPE_Q8_0) { w[e] = ((const block_q8_0 *)row)[b].qs[e]; continue; }
-                const uint8_t q = q4_codes(row, b, type)[e % (QK / 2)];
-                w[e] = (int8_t)((e < QK / 2 ? q & 0xf : q >> 4) - (type == PS_TYPE_Q4_0 ? 8 : 0));
+        for (int64_t g = 0; g < ps_q8_batch_groups(nb); g++) {
+            float acc[GQ_LANES] = { 0 };
+            for (int64_t b = 0; b < nblk; b++) {
+                int8_t w[QK];
+                uint16_t dh, mh;
+                block_halves(row, b, type, &dh, &mh);
+                const float dw = ps_f16_to_f32(dh), mw = ps_f16_to_f32(mh);
+                for (int e = 0; e < QK; e++) {
+                    if (type == PS_TYPE_Q8_0) { w[e] = ((const block_q8_0 *)row)[b].qs[e]; continue; }
+                    const uint8_t q = q4_codes(row, b, type)[e % (QK / 2)];
+                    w[e] = (int8_t)((e < QK / 2 ? q & 0xf : q >> 4) - (type == PS_TYPE_Q4_0 ? 8 : 0));
+                }
+                const int8_t *xq = x->qs + (g * nblk + b) * GQ_BLOCK_BYTES;
+                int32_t dot[GQ_LANES] = { 0 };
+                for (int e = 0; e < QK; e++)
+                    for (int l = 0; l < GQ_LANES; l++) dot[l] += w[e] * xq[(e / 4) * GQ_STEP_BYTES + 4 * l + e % 4];
+                const int64_t meta = (g * nblk + b) * GQ_LANES;
+                for (int l = 0; l < GQ_LANES; l++) {
+                    acc[l] = fmaf((float)dot[l], dw * x->d[meta + l], acc[l]);
+                    if (type == PS_TYPE_Q4_1) acc[l] = fmaf(mw, x->s[meta + l], acc[l]);
+                }
             }
-            for (int64_t j = 0; j < nb; j++) {
-                const int64_t g = j / GQ_LANES, l = j % GQ_LANES, meta = (g * nblk + b) * GQ_LANES + l;
-                const int8_t *xq = x->qs + (g * nblk + b) * GQ_BLOCK_BYTES + 4 * l;
-                int32_t dot = 0;
-                for (int e = 0; e < QK; e++) dot += w[e] * xq[(e / 4) * GQ_STEP_BYTES + e % 4];
-                float acc = c[j * ldc + i];
-                acc = fmaf((float)dot, dw * x->d[meta], acc);
-                if (type == PS_TYPE_Q4_1) acc = fmaf(mw, x->s[meta], acc);
-                c[j * ldc + i] = acc;
-            }
+            for (int64_t l = 0; l < MIN(GQ_LANES, nb - g * GQ_LANES); l++) c[(g * GQ_LANES + l) * ldc + i] = acc[l];
         }
     }
 }

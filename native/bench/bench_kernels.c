@@ -1,8 +1,11 @@
 /* Mat-vec throughput of every type x ISA: dot, axpy, axpy4 and (integer types) dot_q8 over the rows of
  * a (rows, cols) matrix, as the forward pass uses them. Reports weight bytes streamed per
  * second. The dot_q8 figure includes quantising x once per pass, as the forward pass does once
- * per mat-vec. Time is this thread's CPU time, so that other processes sharing the core (a
- * busy machine) slow the figures less.
+ * per mat-vec. Then the prompt GEMM of the integer types with a batch of PROMPT_TOKENS, in takes
+ * of 16 rows as the forward pass runs it, in G multiply-adds per second: gemm_q8 (the batch
+ * packed once per pass) against dequantising each take into a tile for the f32 GEMM. Time is
+ * this thread's CPU time, so that other processes sharing the core (a busy machine) slow the
+ * figures less.
  *
  *   gcc -std=c11 -O3 -pthread -Inative native/bench/bench_kernels.c native/kernels.c -lm \
  *       -o /tmp/bench_kernels && /tmp/bench_kernels [rows cols]      (default 1536 576)
@@ -22,6 +25,36 @@ static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+#define PROMPT_TOKENS 128
+#define TAKE 16
+
+/* seconds per pass of a prompt batch over the matrix (best of 5): gemm_q8 (q8 = 1) or
+ * to_float + the f32 GEMM */
+static double time_prompt(int type, int isa, int q8, const char *w, size_t row_bytes, int rows, int cols,
+                          const float *xs, const ps_q8_vec *tmp, const ps_q8_batch *xb, float *tile, float *c) {
+    const ps_type_traits *t = ps_type_traits_for(type, isa);
+    double best = 1e30;
+    for (int rep = 0; rep < 5; rep++) {
+        int passes = 0;
+        const double t0 = now_s();
+        do {
+            if (q8) ps_quantize_q8_batch_isa(isa, xs, PROMPT_TOKENS, cols, tmp, xb);
+            for (int r = 0; r + TAKE <= rows; r += TAKE) {
+                if (q8) {
+                    ps_gemm_q8_isa(isa, type, w + (size_t)r * row_bytes, TAKE, xb, PROMPT_TOKENS, cols, c + r, rows);
+                    continue;
+                }
+                for (int q = 0; q < TAKE; q++) t->to_float(w + (size_t)(r + q) * row_bytes, tile + (size_t)q * cols, cols);
+                ps_gemm_nt_f32_isa(isa, tile, cols, TAKE, xs, cols, PROMPT_TOKENS, cols, c + r, rows);
+            }
+            passes++;
+        } while (now_s() - t0 < 0.05);
+        const double per_pass = (now_s() - t0) / passes;
+        if (per_pass < best) best = per_pass;
+    }
+    return best;
 }
 
 /* best of 5 runs of enough passes over the matrix to take ~20 ms each; returns seconds/pass */
@@ -118,6 +151,34 @@ int main(int argc, char **argv) {
         printf("\n");
         free(w);
     }
+    /* the prompt GEMM */
+    float *xs = malloc(sizeof(float) * PROMPT_TOKENS * cols), *tile = malloc(sizeof(float) * TAKE * cols);
+    float *c = malloc(sizeof(float) * PROMPT_TOKENS * rows);
+    const int64_t lanes = ps_q8_batch_groups(PROMPT_TOKENS) * 16;
+    const ps_q8_batch xb = { malloc(lanes * cols), malloc(sizeof(float) * lanes * cols / 32),
+                             malloc(sizeof(float) * lanes * cols / 32), malloc(sizeof(int32_t) * lanes * cols / 32) };
+    for (long i = 0; i < (long)PROMPT_TOKENS * cols; i++) xs[i] = (float)((i * 104729) % 2003 - 1001) * 1e-3f;
+    printf("\nprompt GEMM, %d tokens, G multiply-adds/s: gemm_q8 / dequantised into the f32 GEMM\n%-6s",
+           PROMPT_TOKENS, "");
+    for (int isa = 0; isa < PS_ISA_COUNT; isa++)
+        if (ps_kernels_isa_available(isa)) printf(" %17s", ps_kernels_isa_name(isa));
+    printf("\n");
+    for (size_t k = 3; k < sizeof(types) / sizeof(types[0]); k++) {
+        const ps_type_traits *ref = ps_type_traits_for(types[k], PS_ISA_SCALAR);
+        const size_t row_bytes = ps_row_bytes(types[k], cols);
+        char *w = malloc(row_bytes * rows);
+        for (int r = 0; r < rows; r++) ref->from_float(src + (long)r * cols, w + r * row_bytes, cols);
+        printf("%-6s", ref->name);
+        const double gmac = (double)rows * cols * PROMPT_TOKENS * 1e-9;
+        for (int isa = 0; isa < PS_ISA_COUNT; isa++) {
+            if (!ps_kernels_isa_available(isa)) continue;
+            printf("   %6.1f / %6.1f", gmac / time_prompt(types[k], isa, 1, w, row_bytes, rows, cols, xs, &xq, &xb, tile, c),
+                   gmac / time_prompt(types[k], isa, 0, w, row_bytes, rows, cols, xs, &xq, &xb, tile, c));
+        }
+        printf("\n");
+        free(w);
+    }
+    free(xs); free(tile); free(c); free(xb.qs); free(xb.d); free(xb.s); free(xb.sum);
     fprintf(stderr, "(checksum %g)\n", (double)y[0]);
     free(src); free(x); free(y); free(xq.qs); free(xq.d); free(xq.s);
     return 0;
