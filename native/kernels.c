@@ -488,6 +488,36 @@ static void gemm_q8_scalar(int type, const void *a, int64_t m, const ps_q8_batch
                                            float *c, int64_t ldc) {                            \
         gemm_q8_##isa(TYPE, a, m, x, nb, k, c, ldc);                                           \
     }
+/* The loops around an ISA's tile, gq_tile_<isa>(a, row_bytes, R, T, type, x, nblk, g, out): the
+ * tile multiplies R rows (R_FULL, or 1 for the rows left over) with T groups of 16 tokens from
+ * group g (T_MAX, or 1 for the last group), into out[4 * t + r][lane]; this stores the lanes
+ * that are tokens. */
+#define GEMM_Q8_LOOPS(TARGET, isa, R_FULL, T_MAX)                                              \
+    TARGET INLINE void gq_rows_##isa(const char *a, size_t row_bytes, const int R, const int type, \
+                                     const ps_q8_batch *x, int64_t nb, int64_t nblk, float *c, int64_t ldc) { \
+        float out[4 * T_MAX][GQ_LANES];                                                        \
+        const int64_t groups = ps_q8_batch_groups(nb);                                         \
+        for (int64_t g = 0; g < groups;) {                                                     \
+            const int T = g + T_MAX <= groups ? T_MAX : 1;                                     \
+            if (T == T_MAX) gq_tile_##isa(a, row_bytes, R, T_MAX, type, x, nblk, g, out);      \
+            else            gq_tile_##isa(a, row_bytes, R, 1, type, x, nblk, g, out);          \
+            for (int t = 0; t < T; t++, g++) {                                                 \
+                const int64_t lanes = MIN(nb - g * GQ_LANES, GQ_LANES);                        \
+                for (int64_t l = 0; l < lanes; l++)                                            \
+                    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) c[(g * GQ_LANES + l) * ldc + r] = out[4 * t + r][l]; \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+    TARGET INLINE void gemm_q8_##isa(const int type, const void *a, int64_t m, const ps_q8_batch *x, int64_t nb, \
+                                     int64_t k, float *c, int64_t ldc) {                       \
+        const size_t row_bytes = ps_row_bytes(type, k);                                        \
+        const int64_t nblk = k / QK;                                                           \
+        const int R = R_FULL;                                                                  \
+        const char *ac = a;                                                                    \
+        int64_t i = 0;                                                                         \
+        for (; i + R <= m; i += R) gq_rows_##isa(ac + i * row_bytes, row_bytes, R, type, x, nb, nblk, c + i, ldc); \
+        for (; i < m; i++) gq_rows_##isa(ac + i * row_bytes, row_bytes, 1, type, x, nb, nblk, c + i, ldc); \
+    }
 GEMM_Q8_TYPE(, scalar, q8_0, PS_TYPE_Q8_0)
 GEMM_Q8_TYPE(, scalar, q4_0, PS_TYPE_Q4_0)
 GEMM_Q8_TYPE(, scalar, q4_1, PS_TYPE_Q4_1)
@@ -1108,12 +1138,12 @@ SIMD_Q8_DOT4(TARGET_AVX2, avx2, quantize_q8_avx2)
  * steps to unpack: in cache (576 columns, 128 tokens, Zen 5) 185 and 131 G multiply-adds/s,
  * against 57 for dequantising into the f32 GEMM. */
 #define GEMM_Q8_AVX2(TARGET, isa, MUL_ACC, VNNI)                                               \
-    TARGET INLINE void gq_tile_##isa(const char *a, size_t row_bytes, const int R, const int type, \
+    TARGET INLINE void gq_tile_##isa(const char *a, size_t row_bytes, const int R, const int T, const int type, \
                                      const ps_q8_batch *x, int64_t nblk, int64_t g, float out[][GQ_LANES]) { \
         __m256 f[4][2];                                                                        \
         __m256i acc[4][2];                                                                     \
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[r][0] = f[r][1] = _mm256_setzero_ps();                   \
-        const __m256i m4 = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8((char)0x80);       \
+        const __m256i m4 = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8((char)0x80);        \
         for (int64_t b = 0; b < nblk; b++) {                                                   \
             const int8_t *xq = x->qs + (g * nblk + b) * GQ_BLOCK_BYTES;                        \
             const int64_t meta = (g * nblk + b) * GQ_LANES;                                    \
@@ -1127,7 +1157,7 @@ SIMD_Q8_DOT4(TARGET_AVX2, avx2, quantize_q8_avx2)
             _Pragma("GCC unroll 8") for (int s = 0; s < QK / 4; s++) {                         \
                 const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + s * GQ_STEP_BYTES)); \
                 const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + s * GQ_STEP_BYTES + 32)); \
-                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                                  \
+                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                          \
                     int32_t w4;                                                                \
                     __m256i w;                                                                 \
                     if (type == PS_TYPE_Q8_0 && !VNNI) { /* |w| times x with w's sign */       \
@@ -1151,7 +1181,7 @@ SIMD_Q8_DOT4(TARGET_AVX2, avx2, quantize_q8_avx2)
                 }                                                                              \
             }                                                                                  \
             const __m256 d0 = _mm256_loadu_ps(x->d + meta), d1 = _mm256_loadu_ps(x->d + meta + 8); \
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                                      \
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                              \
                 uint16_t dh, mh;                                                               \
                 block_halves(a + r * row_bytes, b, type, &dh, &mh);                            \
                 const __m256 dw = _mm256_set1_ps(_cvtsh_ss(dh));                               \
@@ -1159,36 +1189,17 @@ SIMD_Q8_DOT4(TARGET_AVX2, avx2, quantize_q8_avx2)
                 f[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), _mm256_mul_ps(dw, d1), f[r][1]); \
                 if (type == PS_TYPE_Q4_1) {                                                    \
                     const __m256 mw = _mm256_set1_ps(_cvtsh_ss(mh));                           \
-                    f[r][0] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(x->s + meta), f[r][0]);     \
-                    f[r][1] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(x->s + meta + 8), f[r][1]); \
+                    f[r][0] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(x->s + meta), f[r][0]);      \
+                    f[r][1] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(x->s + meta + 8), f[r][1]);  \
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                                          \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                  \
             _mm256_storeu_ps(out[r], f[r][0]);                                                 \
             _mm256_storeu_ps(out[r] + 8, f[r][1]);                                             \
         }                                                                                      \
     }                                                                                          \
-    TARGET INLINE void gq_rows_##isa(const char *a, size_t row_bytes, const int R, const int type, \
-                                     const ps_q8_batch *x, int64_t nb, int64_t nblk, float *c, int64_t ldc) { \
-        float out[4][GQ_LANES];                                                                \
-        for (int64_t g = 0; g < ps_q8_batch_groups(nb); g++) {                                 \
-            gq_tile_##isa(a, row_bytes, R, type, x, nblk, g, out);                             \
-            const int64_t lanes = MIN(nb - g * GQ_LANES, GQ_LANES);                            \
-            for (int64_t l = 0; l < lanes; l++)                                                \
-                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) c[(g * GQ_LANES + l) * ldc + r] = out[r][l];      \
-        }                                                                                      \
-    }                                                                                          \
-    TARGET INLINE void gemm_q8_##isa(const int type, const void *a, int64_t m, const ps_q8_batch *x, int64_t nb, \
-                                     int64_t k, float *c, int64_t ldc) {                       \
-        const size_t row_bytes = ps_row_bytes(type, k);                                        \
-        const int64_t nblk = k / QK;                                                           \
-        const int R = type == PS_TYPE_Q8_0 && VNNI ? 4 : 2;                                    \
-        const char *ac = a;                                                                    \
-        int64_t i = 0;                                                                         \
-        for (; i + R <= m; i += R) gq_rows_##isa(ac + i * row_bytes, row_bytes, R, type, x, nb, nblk, c + i, ldc); \
-        for (; i < m; i++) gq_rows_##isa(ac + i * row_bytes, row_bytes, 1, type, x, nb, nblk, c + i, ldc); \
-    }
+    GEMM_Q8_LOOPS(TARGET, isa, (type == PS_TYPE_Q8_0 && VNNI ? 4 : 2), 1)
 GEMM_Q8_AVX2(TARGET_AVX2, avx2, mul_acc_avx2, 0)
 GEMM_Q8_TYPE(TARGET_AVX2, avx2, q8_0, PS_TYPE_Q8_0)
 GEMM_Q8_TYPE(TARGET_AVX2, avx2, q4_0, PS_TYPE_Q4_0)
@@ -1818,26 +1829,26 @@ SIMD_Q8_DOT8(TARGET_AVX512, avx512, quantize_q8_avx512)
                                      const ps_q8_batch *x, int64_t nblk, int64_t g, float out[][GQ_LANES]) { \
         __m512 f[4][2];                                                                        \
         __m512i acc[4][2];                                                                     \
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                                            \
-            _Pragma("GCC unroll 2") for (int t = 0; t < T; t++) f[r][t] = _mm512_setzero_ps();                         \
-        const __m512i m4 = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8((char)0x80);       \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                    \
+            _Pragma("GCC unroll 2") for (int t = 0; t < T; t++) f[r][t] = _mm512_setzero_ps(); \
+        const __m512i m4 = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8((char)0x80);        \
         for (int64_t b = 0; b < nblk; b++) {                                                   \
             const int8_t *xq[2];                                                               \
             int64_t meta[2];                                                                   \
             __m512i init[2];                                                                   \
-            _Pragma("GCC unroll 2") for (int t = 0; t < T; t++) {                                                      \
+            _Pragma("GCC unroll 2") for (int t = 0; t < T; t++) {                              \
                 xq[t] = x->qs + ((g + t) * nblk + b) * GQ_BLOCK_BYTES;                         \
                 meta[t] = ((g + t) * nblk + b) * GQ_LANES;                                     \
                 const __m512i sum = _mm512_loadu_si512(x->sum + meta[t]);                      \
                 init[t] = type == PS_TYPE_Q4_1 || (type == PS_TYPE_Q8_0 && !VNNI) ? _mm512_setzero_si512() \
                         : _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, type == PS_TYPE_Q8_0 ? 7 : 3)); \
             }                                                                                  \
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                                        \
-                _Pragma("GCC unroll 2") for (int t = 0; t < T; t++) acc[r][t] = init[t];                               \
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                \
+                _Pragma("GCC unroll 2") for (int t = 0; t < T; t++) acc[r][t] = init[t];       \
             _Pragma("GCC unroll 8") for (int s = 0; s < QK / 4; s++) {                         \
                 __m512i xv[2];                                                                 \
                 _Pragma("GCC unroll 2") for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_si512(xq[t] + s * GQ_STEP_BYTES); \
-                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                                  \
+                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                          \
                     int32_t w4;                                                                \
                     __m512i w;                                                                 \
                     if (type == PS_TYPE_Q8_0 && !VNNI) { /* |w| times x negated where w < 0 */ \
@@ -1862,46 +1873,23 @@ SIMD_Q8_DOT8(TARGET_AVX512, avx512, quantize_q8_avx512)
             }                                                                                  \
             __m512 dx[2];                                                                      \
             _Pragma("GCC unroll 2") for (int t = 0; t < T; t++) dx[t] = _mm512_loadu_ps(x->d + meta[t]);               \
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                                      \
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                              \
                 uint16_t dh, mh;                                                               \
                 block_halves(a + r * row_bytes, b, type, &dh, &mh);                            \
                 const __m512 dw = _mm512_set1_ps(_cvtsh_ss(dh));                               \
-                _Pragma("GCC unroll 2") for (int t = 0; t < T; t++)                                                    \
+                _Pragma("GCC unroll 2") for (int t = 0; t < T; t++)                            \
                     f[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][t]), _mm512_mul_ps(dw, dx[t]), f[r][t]); \
                 if (type == PS_TYPE_Q4_1) {                                                    \
                     const __m512 mw = _mm512_set1_ps(_cvtsh_ss(mh));                           \
-                    _Pragma("GCC unroll 2") for (int t = 0; t < T; t++)                                                \
+                    _Pragma("GCC unroll 2") for (int t = 0; t < T; t++)                        \
                         f[r][t] = _mm512_fmadd_ps(mw, _mm512_loadu_ps(x->s + meta[t]), f[r][t]); \
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                                            \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                    \
             _Pragma("GCC unroll 2") for (int t = 0; t < T; t++) _mm512_storeu_ps(out[4 * t + r], f[r][t]);             \
     }                                                                                          \
-    TARGET INLINE void gq_rows_##isa(const char *a, size_t row_bytes, const int R, const int type, \
-                                     const ps_q8_batch *x, int64_t nb, int64_t nblk, float *c, int64_t ldc) { \
-        float out[8][GQ_LANES];                                                                \
-        const int64_t groups = ps_q8_batch_groups(nb);                                         \
-        for (int64_t g = 0; g < groups;) {                                                     \
-            const int T = g + 2 <= groups ? 2 : 1;                                             \
-            if (T == 2) gq_tile_##isa(a, row_bytes, R, 2, type, x, nblk, g, out);              \
-            else        gq_tile_##isa(a, row_bytes, R, 1, type, x, nblk, g, out);              \
-            for (int t = 0; t < T; t++, g++) {                                                 \
-                const int64_t lanes = MIN(nb - g * GQ_LANES, GQ_LANES);                        \
-                for (int64_t l = 0; l < lanes; l++)                                            \
-                    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) c[(g * GQ_LANES + l) * ldc + r] = out[4 * t + r][l]; \
-            }                                                                                  \
-        }                                                                                      \
-    }                                                                                          \
-    TARGET INLINE void gemm_q8_##isa(const int type, const void *a, int64_t m, const ps_q8_batch *x, int64_t nb, \
-                                     int64_t k, float *c, int64_t ldc) {                       \
-        const size_t row_bytes = ps_row_bytes(type, k);                                        \
-        const int64_t nblk = k / QK;                                                           \
-        const char *ac = a;                                                                    \
-        int64_t i = 0;                                                                         \
-        for (; i + 4 <= m; i += 4) gq_rows_##isa(ac + i * row_bytes, row_bytes, 4, type, x, nb, nblk, c + i, ldc); \
-        for (; i < m; i++) gq_rows_##isa(ac + i * row_bytes, row_bytes, 1, type, x, nb, nblk, c + i, ldc); \
-    }
+    GEMM_Q8_LOOPS(TARGET, isa, 4, 2)
 GEMM_Q8_AVX512(TARGET_AVX512, avx512, mul_acc_avx512, 0)
 GEMM_Q8_TYPE(TARGET_AVX512, avx512, q8_0, PS_TYPE_Q8_0)
 GEMM_Q8_TYPE(TARGET_AVX512, avx512, q4_0, PS_TYPE_Q4_0)
@@ -2264,7 +2252,7 @@ INLINE int32x4_t dot4_s8_neon(int32x4_t acc, int8x16_t a, int8x16_t b) {
  * signed codes (NEON multiplies signed bytes, so nothing is offset: Q4_0's codes less 8): tiles
  * of 2 rows x a group of 16 tokens in four vectors, 8 integer and 8 float accumulators. */
 #define GEMM_Q8_NEON(TARGET, isa, DOT4)                                                        \
-    TARGET INLINE void gq_tile_##isa(const char *a, size_t row_bytes, const int R, const int type, \
+    TARGET INLINE void gq_tile_##isa(const char *a, size_t row_bytes, const int R, const int T, const int type, \
                                      const ps_q8_batch *x, int64_t nblk, int64_t g, float out[][GQ_LANES]) { \
         float32x4_t f[2][4];                                                                   \
         int32x4_t acc[2][4];                                                                   \
@@ -2307,25 +2295,7 @@ INLINE int32x4_t dot4_s8_neon(int32x4_t acc, int8x16_t a, int8x16_t b) {
         _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)                                    \
             _Pragma("GCC unroll 4") for (int h = 0; h < 4; h++) vst1q_f32(out[r] + 4 * h, f[r][h]); \
     }                                                                                          \
-    TARGET INLINE void gq_rows_##isa(const char *a, size_t row_bytes, const int R, const int type, \
-                                     const ps_q8_batch *x, int64_t nb, int64_t nblk, float *c, int64_t ldc) { \
-        float out[2][GQ_LANES];                                                                \
-        for (int64_t g = 0; g < ps_q8_batch_groups(nb); g++) {                                 \
-            gq_tile_##isa(a, row_bytes, R, type, x, nblk, g, out);                             \
-            const int64_t lanes = MIN(nb - g * GQ_LANES, GQ_LANES);                            \
-            for (int64_t l = 0; l < lanes; l++)                                                \
-                for (int r = 0; r < R; r++) c[(g * GQ_LANES + l) * ldc + r] = out[r][l];      \
-        }                                                                                      \
-    }                                                                                          \
-    TARGET INLINE void gemm_q8_##isa(const int type, const void *a, int64_t m, const ps_q8_batch *x, int64_t nb, \
-                                     int64_t k, float *c, int64_t ldc) {                       \
-        const size_t row_bytes = ps_row_bytes(type, k);                                        \
-        const int64_t nblk = k / QK;                                                           \
-        const char *ac = a;                                                                    \
-        int64_t i = 0;                                                                         \
-        for (; i + 2 <= m; i += 2) gq_rows_##isa(ac + i * row_bytes, row_bytes, 2, type, x, nb, nblk, c + i, ldc); \
-        for (; i < m; i++) gq_rows_##isa(ac + i * row_bytes, row_bytes, 1, type, x, nb, nblk, c + i, ldc); \
-    }
+    GEMM_Q8_LOOPS(TARGET, isa, 2, 1)
 GEMM_Q8_NEON(, neon, dot4_s8_neon)
 GEMM_Q8_TYPE(, neon, q8_0, PS_TYPE_Q8_0)
 GEMM_Q8_TYPE(, neon, q4_0, PS_TYPE_Q4_0)
