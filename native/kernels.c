@@ -619,6 +619,19 @@ static void to_bf16_scalar(const float *x, uint16_t *out, int64_t n) {
 }
 
 /* weighted_sum over rows of type F32 or F16 (the KV cache's) */
+/* gemm16's definition: each (row, lane) one fma chain over i in order, from zero */
+static void gemm16_scalar(const float *a, int64_t a_rs, int64_t a_ks, int64_t m, const float *b, int64_t ldb,
+                          int64_t k, float *c, int64_t ldc) {
+    for (int64_t r = 0; r < m; r++) {
+        float acc[16] = { 0 };
+        for (int64_t i = 0; i < k; i++) {
+            const float x = a[r * a_rs + i * a_ks];
+            for (int l = 0; l < 16; l++) acc[l] = fmaf(x, b[i * ldb + l], acc[l]);
+        }
+        for (int l = 0; l < 16; l++) c[r * ldc + l] = acc[l];
+    }
+}
+
 static void weighted_sum_scalar(const float *w, int64_t n, const void *rows, int64_t ld, int64_t k, int type,
                                 float *out) {
     for (int64_t i = 0; i < k; i++) out[i] = 0.0f;
@@ -925,6 +938,33 @@ TARGET_AVX2 static void exp_avx2(const float *x, float *y, int64_t n) {
 }
 
 /* 32 columns at a time in 4 accumulators, kept in registers over all the rows */
+/* gemm16: tiles of 6 rows, each row's 16 lanes in two vectors (12 accumulators); per step two
+ * loads of b and a broadcast of each row's a */
+TARGET_AVX2 INLINE void gemm16_tile_avx2(const float *a, int64_t a_rs, int64_t a_ks, const int R, const float *b,
+                                         int64_t ldb, int64_t k, float *c, int64_t ldc) {
+    __m256 acc[6][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i++) {
+        const __m256 b0 = _mm256_loadu_ps(b + i * ldb), b1 = _mm256_loadu_ps(b + i * ldb + 8);
+        for (int r = 0; r < R; r++) {
+            const __m256 x = _mm256_broadcast_ss(a + r * a_rs + i * a_ks);
+            acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm256_storeu_ps(c + r * ldc, acc[r][0]);
+        _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
+    }
+}
+
+TARGET_AVX2 static void gemm16_avx2(const float *a, int64_t a_rs, int64_t a_ks, int64_t m, const float *b, int64_t ldb,
+                                    int64_t k, float *c, int64_t ldc) {
+    int64_t r = 0;
+    for (; r + 6 <= m; r += 6) gemm16_tile_avx2(a + r * a_rs, a_rs, a_ks, 6, b, ldb, k, c + r * ldc, ldc);
+    for (; r < m; r++) gemm16_tile_avx2(a + r * a_rs, a_rs, a_ks, 1, b, ldb, k, c + r * ldc, ldc);
+}
+
 TARGET_AVX2 static void scores_avx2(const float *q, const void *k, int64_t ld, int64_t n, int64_t hd, int k_type,
                                     float *out) {
     const size_t es = k_type == PS_TYPE_F16 ? 2 : 4;
@@ -1495,6 +1535,27 @@ TARGET_AVX512 INLINE void scores_typed_avx512(const float *q, const void *k, int
         SCORES_ROWS_AVX512(rows);
         _mm512_mask_storeu_ps(out + t, tail_mask(rows), sum16_avx512(acc));
     }
+}
+
+/* gemm16: tiles of 16 rows, one vector of 16 lanes each (16 accumulators); per step one load of
+ * b and a broadcast fma per row */
+TARGET_AVX512 INLINE void gemm16_tile_avx512(const float *a, int64_t a_rs, int64_t a_ks, const int R, const float *b,
+                                             int64_t ldb, int64_t k, float *c, int64_t ldc) {
+    __m512 acc[16];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i++) {
+        const __m512 bv = _mm512_loadu_ps(b + i * ldb);
+        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * a_rs + i * a_ks]), bv, acc[r]);
+    }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(c + r * ldc, acc[r]);
+}
+
+TARGET_AVX512 static void gemm16_avx512(const float *a, int64_t a_rs, int64_t a_ks, int64_t m, const float *b,
+                                        int64_t ldb, int64_t k, float *c, int64_t ldc) {
+    int64_t r = 0;
+    for (; r + 16 <= m; r += 16) gemm16_tile_avx512(a + r * a_rs, a_rs, a_ks, 16, b, ldb, k, c + r * ldc, ldc);
+    for (; r + 4 <= m; r += 4) gemm16_tile_avx512(a + r * a_rs, a_rs, a_ks, 4, b, ldb, k, c + r * ldc, ldc);
+    for (; r < m; r++) gemm16_tile_avx512(a + r * a_rs, a_rs, a_ks, 1, b, ldb, k, c + r * ldc, ldc);
 }
 
 TARGET_AVX512 static void scores_avx512(const float *q, const void *k, int64_t ld, int64_t n, int64_t hd, int k_type,
@@ -2134,6 +2195,31 @@ static void exp_neon(const float *x, float *y, int64_t n) {
 }
 
 /* 32 columns at a time in 8 accumulators, kept in registers over all the rows */
+/* gemm16: tiles of 4 rows, each row's 16 lanes in four vectors (16 accumulators) */
+INLINE void gemm16_tile_neon(const float *a, int64_t a_rs, int64_t a_ks, const int R, const float *b, int64_t ldb,
+                             int64_t k, float *c, int64_t ldc) {
+    float32x4_t acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < 4; h++) acc[r][h] = vdupq_n_f32(0.0f);
+    for (int64_t i = 0; i < k; i++) {
+        float32x4_t bv[4];
+        for (int h = 0; h < 4; h++) bv[h] = vld1q_f32(b + i * ldb + 4 * h);
+        for (int r = 0; r < R; r++) {
+            const float x = a[r * a_rs + i * a_ks];
+            for (int h = 0; h < 4; h++) acc[r][h] = vfmaq_n_f32(acc[r][h], bv[h], x);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < 4; h++) vst1q_f32(c + r * ldc + 4 * h, acc[r][h]);
+}
+
+static void gemm16_neon(const float *a, int64_t a_rs, int64_t a_ks, int64_t m, const float *b, int64_t ldb, int64_t k,
+                        float *c, int64_t ldc) {
+    int64_t r = 0;
+    for (; r + 4 <= m; r += 4) gemm16_tile_neon(a + r * a_rs, a_rs, a_ks, 4, b, ldb, k, c + r * ldc, ldc);
+    for (; r < m; r++) gemm16_tile_neon(a + r * a_rs, a_rs, a_ks, 1, b, ldb, k, c + r * ldc, ldc);
+}
+
 static void scores_neon(const float *q, const void *k, int64_t ld, int64_t n, int64_t hd, int k_type, float *out) {
     const size_t es = k_type == PS_TYPE_F16 ? 2 : 4;
     for (int64_t t = 0; t < n; t++) out[t] = dot_neon((const char *)k + (size_t)(t * ld) * es, q, hd, k_type);
@@ -2372,14 +2458,16 @@ static const q8_kernels *const isa_q8[PS_ISA_COUNT] = {
 };
 
 static const ps_f32_ops f32_ops_scalar = { exp_scalar, weighted_sum_scalar, keep_at_least_scalar, to_bf16_scalar,
-                                           scores_scalar };
+                                           scores_scalar, gemm16_scalar };
 #if defined(__x86_64__)
-static const ps_f32_ops f32_ops_avx2 = { exp_avx2, weighted_sum_avx2, keep_at_least_scalar, to_bf16_scalar, scores_avx2 };
+static const ps_f32_ops f32_ops_avx2 = { exp_avx2, weighted_sum_avx2, keep_at_least_scalar, to_bf16_scalar, scores_avx2,
+                                         gemm16_avx2 };
 static const ps_f32_ops f32_ops_avx512 = { exp_avx512, weighted_sum_avx512, keep_at_least_avx512, to_bf16_avx512,
-                                           scores_avx512 };
+                                           scores_avx512, gemm16_avx512 };
 #endif
 #if defined(__aarch64__)
-static const ps_f32_ops f32_ops_neon = { exp_neon, weighted_sum_neon, keep_at_least_scalar, to_bf16_scalar, scores_neon };
+static const ps_f32_ops f32_ops_neon = { exp_neon, weighted_sum_neon, keep_at_least_scalar, to_bf16_scalar, scores_neon,
+                                         gemm16_neon };
 #endif
 
 /* NULL: not built (a VNNI / dotprod level has its base's) */

@@ -171,6 +171,12 @@ typedef struct {
      * position's score takes the same steps whatever n (AVX-512: 16 positions at a time, each
      * in its own accumulator, their sums reduced together; elsewhere the type's dot per row). */
     void (*scores)(const float *q, const void *k, int64_t ld, int64_t n, int64_t hd, int k_type, float *out);
+    /* c[r*ldc + l] = sum over i < k of a[r*a_rs + i*a_ks] * b[i*ldb + l], for r < m and the 16
+     * lanes l: a prompt's attention with 16 query tokens as the lanes (scores: a the keys, b the
+     * queries transposed; weighted sums: a the values read down their columns, b the weights).
+     * Each (r, l) is one fma chain over i in order from zero: the same bits in every isa. */
+    void (*gemm16)(const float *a, int64_t a_rs, int64_t a_ks, int64_t m, const float *b, int64_t ldb, int64_t k,
+                   float *c, int64_t ldc);
 } ps_f32_ops;
 
 /* the table of isa (-1: the best available); NULL if the isa is unavailable */

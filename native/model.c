@@ -69,6 +69,7 @@ struct ps_model {
     float *hb;                   /* (batch, n_ff) gate, then act(gate)*up  */
     float *hb2;                  /* (batch, n_ff) up                       */
     float *scores;               /* (n_threads, n_ctx) attention scores    */
+    float *att_scratch;          /* (n_threads, att_prompt_floats) a prompt's attention tiles */
     float *att_part;             /* (n_head, spans of n_ctx, head_dim + 2): one token's
                                     attention by span, before the merge   */
     atomic_int *att_done;        /* (n_head_kv) spans finished, one token  */
@@ -493,8 +494,8 @@ static float gate_activation(const ps_config *c, float g) {
 }
 
 /* ------------------------------------------------------------------------------------------
- * Attention, causal over the KV cache. A prompt: each (token, head) pair is one unit of work.
- * One token past ATT_SPAN positions: each (KV head, span of ATT_SPAN positions) is one unit,
+ * Attention, causal over the KV cache. A prompt: each (KV head, tile of 16 tokens) is one unit
+ * (attend_prompt_tile, below). One token past ATT_SPAN positions: each (KV head, span of ATT_SPAN positions) is one unit,
  * which scores the span's keys and sums its values for every query head sharing that KV head
  * (GQA: SmolLM2's 9 query heads share 3 KV heads), so a span is read from memory once and
  * re-read from L1/L2 by the group's other heads, on one core; before, each query head read its
@@ -502,8 +503,8 @@ static float gate_activation(const ps_config *c, float g) {
  * both cores. The spans' partial results (maximum score, sum of exponentials, unnormalised
  * weighted sum) are merged in span order by whichever thread finishes a group's last span. The
  * spans are fixed by position, not by thread count, so any number of threads gives the same
- * bits. Up to ATT_SPAN positions a token's units are its query heads, as a prompt's are (a
- * span per KV head would leave threads idle: 3 units on SmolLM2, 1 with a single KV head).
+ * bits. Up to ATT_SPAN positions a token's units are its query heads (a span per KV head would
+ * leave threads idle: 3 units on SmolLM2, 1 with a single KV head).
  * ---------------------------------------------------------------------------------------- */
 
 #define SOFTMAX_LANES 16
@@ -581,6 +582,96 @@ static void merge_spans(const ps_f32_ops *ops, const float *part, int n_spans, i
     normalise(out, hd, sum);
 }
 
+/* A prompt's attention: units of (KV head, tile of ATT_TQ = 16 query tokens), the tokens being
+ * the lanes of gemm16. Over spans of ATT_PSPAN positions (the span's keys and values converted
+ * to f32 once when the cache is F16, then shared by the group's query heads), per head: the
+ * scores S[p][j] = k_p . q_j (gemm16: the keys' rows against the queries transposed); the
+ * softmax online over the spans (a running maximum and sum per token, the partial sums so far
+ * rescaled when the maximum grows, as flash attention does); the values summed down their
+ * columns, O[e][j] += sum_p v_p[e] S[p][j] (gemm16 again). A key or value is loaded once per 16
+ * tokens of a head where the one-unit-per-token path loaded it once per token: perf of a
+ * 1024-token prompt had put 61% of it in that path's scores, weighted sums and softmax. */
+#define ATT_TQ 16
+#define ATT_PSPAN 256
+
+/* floats of one thread's scratch for attend_prompt_tile */
+static int64_t att_prompt_floats(const ps_config *c) {
+    const int64_t hd = c->head_dim, group = c->n_head / c->n_head_kv;
+    return 2 * ATT_PSPAN * hd + ATT_PSPAN * ATT_TQ + hd * ATT_TQ * (2 * group + 1) + 2 * group * ATT_TQ + 2 * ATT_TQ;
+}
+
+static void attend_prompt_tile(ps_model *m, const ps_f32_ops *ops, const char *kc, const char *vc, int kvh, int t0,
+                               int nt, int pos0, float *scr) {
+    const ps_config *c = &m->c;
+    const int hd = c->head_dim, kvd = kv_dim(c), qd = q_dim(c), group = c->n_head / c->n_head_kv;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const size_t es = ps_row_bytes(m->kv_type, 1), row = (size_t)kvd * es;
+    float *kf = scr, *vf = kf + (size_t)ATT_PSPAN * hd;          /* (ATT_PSPAN, hd) a span, as f32 */
+    float *st = vf + (size_t)ATT_PSPAN * hd;                     /* (ATT_PSPAN, 16) scores, then weights */
+    float *qt = st + ATT_PSPAN * ATT_TQ;                         /* (group, hd, 16) queries transposed */
+    float *ot = qt + (size_t)group * hd * ATT_TQ;                /* (group, hd, 16) weighted sums so far */
+    float *os = ot + (size_t)group * hd * ATT_TQ;                /* (hd, 16) a span's weighted sums */
+    float *mx = os + (size_t)hd * ATT_TQ, *sum = mx + group * ATT_TQ;   /* (group, 16) each */
+    float *alpha = sum + group * ATT_TQ, *smax = alpha + ATT_TQ;        /* (16) each */
+    const ps_type_traits *kt = ps_type_traits_for(m->kv_type, -1);
+    for (int g = 0; g < group; g++) {
+        const float *q = m->q + (int64_t)t0 * qd + (kvh * group + g) * hd;
+        for (int e = 0; e < hd; e++)
+            for (int j = 0; j < ATT_TQ; j++) qt[((size_t)g * hd + e) * ATT_TQ + j] = j < nt ? q[(int64_t)j * qd + e] : 0.0f;
+        for (int j = 0; j < ATT_TQ; j++) mx[g * ATT_TQ + j] = -INFINITY, sum[g * ATT_TQ + j] = 0.0f;
+    }
+    memset(ot, 0, sizeof(float) * (size_t)group * hd * ATT_TQ);
+    const int n = pos0 + t0 + nt;   /* the positions the tile's last token sees */
+    for (int p0 = 0; p0 < n; p0 += ATT_PSPAN) {
+        const int len = n - p0 < ATT_PSPAN ? n - p0 : ATT_PSPAN;
+        const char *k8 = kc + (size_t)p0 * row + (size_t)kvh * hd * es, *v8 = vc + (size_t)p0 * row + (size_t)kvh * hd * es;
+        const float *k = (const float *)k8, *v = (const float *)v8;
+        int64_t ld = kvd;
+        if (m->kv_type != PS_TYPE_F32) {
+            for (int p = 0; p < len; p++) {
+                kt->to_float(k8 + (size_t)p * row, kf + (size_t)p * hd, hd);
+                kt->to_float(v8 + (size_t)p * row, vf + (size_t)p * hd, hd);
+            }
+            k = kf, v = vf, ld = hd;
+        }
+        for (int g = 0; g < group; g++) {
+            float *gm = mx + g * ATT_TQ, *gs = sum + g * ATT_TQ, *go = ot + (size_t)g * hd * ATT_TQ;
+            ops->gemm16(k, ld, 1, len, qt + (size_t)g * hd * ATT_TQ, ATT_TQ, hd, st, ATT_TQ);
+            for (int j = 0; j < ATT_TQ; j++) smax[j] = -INFINITY;
+            for (int p = 0; p < len; p++)
+                for (int j = 0; j < ATT_TQ; j++) {   /* token j is at position pos0 + t0 + j */
+                    float x = st[p * ATT_TQ + j] * scale;
+                    x = p0 + p > pos0 + t0 + j ? -INFINITY : x;
+                    st[p * ATT_TQ + j] = x;
+                    smax[j] = x > smax[j] ? x : smax[j];
+                }
+            for (int j = 0; j < ATT_TQ; j++) {
+                const float mnew = smax[j] > gm[j] ? smax[j] : gm[j];
+                alpha[j] = gm[j] - mnew;   /* -inf on the first span: the sums so far are zero */
+                gm[j] = mnew;
+            }
+            ops->exp(alpha, alpha, ATT_TQ);
+            for (int p = 0; p < len; p++)
+                for (int j = 0; j < ATT_TQ; j++) st[p * ATT_TQ + j] -= gm[j];
+            ops->exp(st, st, (int64_t)len * ATT_TQ);
+            for (int j = 0; j < ATT_TQ; j++) smax[j] = 0.0f;   /* now the span's sums */
+            for (int p = 0; p < len; p++)
+                for (int j = 0; j < ATT_TQ; j++) smax[j] += st[p * ATT_TQ + j];
+            for (int j = 0; j < ATT_TQ; j++) gs[j] = gs[j] * alpha[j] + smax[j];
+            ops->gemm16(v, 1, ld, hd, st, ATT_TQ, len, os, ATT_TQ);
+            for (int e = 0; e < hd; e++)
+                for (int j = 0; j < ATT_TQ; j++)
+                    go[e * ATT_TQ + j] = go[e * ATT_TQ + j] * alpha[j] + os[e * ATT_TQ + j];
+        }
+    }
+    for (int g = 0; g < group; g++)
+        for (int j = 0; j < nt; j++) {
+            float *out = m->att_out + (int64_t)(t0 + j) * qd + (kvh * group + g) * hd;
+            const float inv = 1.0f / sum[g * ATT_TQ + j];
+            for (int e = 0; e < hd; e++) out[e] = ot[((size_t)g * hd + e) * ATT_TQ + j] * inv;
+        }
+}
+
 static void attention_task(void *ctx, int ith, int nth) {
     attention_job *job = ctx;
     ps_model *m = job->m;
@@ -600,8 +691,16 @@ static void attention_task(void *ctx, int ith, int nth) {
     const char *kc = m->k_cache + (size_t)job->layer * (size_t)m->n_ctx * row;
     const char *vc = m->v_cache + (size_t)job->layer * (size_t)m->n_ctx * row;
     float *scores = m->scores + (int64_t)ith * m->n_ctx;
-    float max_score, sum;
-    if (job->batch == 1 && job->pos0 + 1 > ATT_SPAN) {
+    if (job->batch == 1 && job->pos0 + 1 <= ATT_SPAN) {   /* one token, a unit per query head */
+        for (int h; (h = atomic_fetch_add(&job->next, 1)) < c->n_head;) {
+            float *out = m->att_out + h * hd, max_score, sum;
+            attend_span(ops, m->q + h * hd, kc + (size_t)(h / group) * hd * es, vc + (size_t)(h / group) * hd * es, kvd,
+                        hd, m->kv_type, job->pos0 + 1, scale, scores, out, &max_score, &sum);
+            normalise(out, hd, sum);
+        }
+        return;
+    }
+    if (job->batch == 1) {
         const int n = job->pos0 + 1, n_spans = (n + ATT_SPAN - 1) / ATT_SPAN;
         const int units = c->n_head_kv * n_spans, max_spans = att_spans(m->n_ctx);
         for (int u; (u = atomic_fetch_add(&job->next, 1)) < units;) {
@@ -629,14 +728,13 @@ static void attention_task(void *ctx, int ith, int nth) {
         }
         return;
     }
-    const int units = job->batch * c->n_head;
+    /* a prompt: the tiles with the most positions first, so the last takes are short */
+    const int n_tiles = (job->batch + ATT_TQ - 1) / ATT_TQ, units = n_tiles * c->n_head_kv;
+    float *scr = m->att_scratch + (int64_t)ith * att_prompt_floats(c);
     for (int u; (u = atomic_fetch_add(&job->next, 1)) < units;) {
-        const int b = u / c->n_head, h = u % c->n_head, kvh = h / group;
-        float *out = m->att_out + (int64_t)b * q_dim(c) + h * hd;
-        attend_span(ops, m->q + (int64_t)b * q_dim(c) + h * hd, kc + (size_t)kvh * hd * es,
-                    vc + (size_t)kvh * hd * es, kvd, hd, m->kv_type, job->pos0 + b + 1, scale, scores, out,
-                    &max_score, &sum);
-        normalise(out, hd, sum);
+        const int t0 = (n_tiles - 1 - u / c->n_head_kv) * ATT_TQ, kvh = u % c->n_head_kv;
+        attend_prompt_tile(m, ops, kc, vc, kvh, t0, job->batch - t0 < ATT_TQ ? job->batch - t0 : ATT_TQ, job->pos0,
+                           scr);
     }
 }
 
@@ -1250,6 +1348,7 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
     m->hb2 = alloc_floats(MAX_BATCH * ff, &failed);
     m->scores = alloc_floats((int64_t)n_threads * n_ctx, &failed);
     m->att_part = alloc_floats((int64_t)c->n_head * att_spans(n_ctx) * (c->head_dim + 2), &failed);
+    m->att_scratch = alloc_floats((int64_t)n_threads * att_prompt_floats(c), &failed);
     m->att_done = calloc((size_t)c->n_head_kv, sizeof(atomic_int));
     if (!m->att_done) failed = 1;
     m->row_buf = alloc_floats((int64_t)n_threads * ROW_CHUNK * max_row, &failed);
@@ -1305,7 +1404,7 @@ void ps_model_free(ps_model *m) {
     free(m->x); free(m->xb); free(m->xb2);
     free(m->q); free(m->k); free(m->v); free(m->att_out);
     free(m->hb); free(m->hb2);
-    free(m->scores); free(m->att_part); free(m->att_done); free(m->row_buf); free(m->down_tile); free(m->in_bf16);
+    free(m->scores); free(m->att_part); free(m->att_scratch); free(m->att_done); free(m->row_buf); free(m->down_tile); free(m->in_bf16);
     free(m->rope_inv_freq); free(m->rope_cos_sin);
     free(m->pred_threshold); free(m->pred_hidden); free(m->pred_logits);
     free_q8(&m->xb_q8); free_q8(&m->att_q8); free_q8(&m->x_q8); free_q8(&m->hidden_q8); free_q8(&m->hb_q8);

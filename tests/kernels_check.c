@@ -6,7 +6,7 @@
  *   axpy4 the same bits as four of the table's axpys (rows of one row's blocks, rotated);
  *   quantize_q8 byte for byte; dot_q8 within 1e-5 of the block-wise magnitude; exp bit for bit;
  *   weighted_sum (F32 and F16 rows) within 1e-5 of sum |w r|; scores within 1e-5 of sum |q k|;
- *   to_bf16 bit for bit; the batch packing for gemm_q8 byte for byte, gemm_q8 bit for bit.
+ *   to_bf16 bit for bit; gemm16 bit for bit; the batch packing for gemm_q8 byte for byte, gemm_q8 bit for bit.
  * Prints one line per ISA ("<isa> ok <checks>" or the first failure) and "available: ..."; the
  * exit status is the number of failing ISAs. */
 #include "kernels.h"
@@ -233,6 +233,17 @@ static int check_isa(int isa) {
             const double want = dot64(w, 1, w2 + i, ldk, n_keys, &mag);
             if (fabs(y[i] - want) > 1e-5 * mag + 1e-30) failed = fail(name, "weighted_sum", PS_TYPE_F16, k, y[i], want);
         }
+        checks += 1;
+    }
+    /* gemm16 bit for bit (one fma chain per output), a read along its rows and down its columns:
+     * 22 x 40 of x against 40 x 16 of tmp, into y (22 x 16 floats) */
+    for (int form = 0; form < 2 && !failed; form++) {
+        const int64_t m = 22, k = 40, a_rs = form ? 1 : k, a_ks = form ? m : 1;
+        random_floats(x, m * k);
+        random_floats(tmp, k * 16);
+        ops->gemm16(x, a_rs, a_ks, m, tmp, 16, k, y, 16);
+        ops_ref->gemm16(x, a_rs, a_ks, m, tmp, 16, k, y_ref, 16);
+        if (memcmp(y, y_ref, sizeof(float) * (size_t)(m * 16)) != 0) failed = fail(name, "gemm16", 0, k, y[0], y_ref[0]);
         checks += 1;
     }
     uint16_t *b16 = (uint16_t *)w, *b16_ref = (uint16_t *)w + max_n;   /* w holds 2 max_n halves */

@@ -1040,6 +1040,35 @@ def test_scores_match_numpy(isa_name, k_type, n, hd, heap):
     assert np.isnan(got[n])                                     # nothing written past n
 
 
+def gemm16(ops, a: np.ndarray, a_rs: int, a_ks: int, m: int, b: np.ndarray, ldb: int, k: int, heap: Heap):
+    """ops.gemm16 into a NaN-filled exact-size c of m rows of 17 (a column past the lanes)."""
+    c = heap.put(np.full(m * 17, np.nan, dtype=np.float32), "float *")
+    ops.gemm16(heap.put(a.astype(np.float32), "float *"), a_rs, a_ks, m, heap.put(b.astype(np.float32), "float *"),
+               ldb, k, c, 17)
+    return read(c, np.float32, m * 17).reshape(m, 17)
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("m,k", [(1, 1), (16, 64), (17, 64), (64, 256), (5, 3), (22, 100), (0, 8)])
+def test_gemm16_matches_numpy_and_gives_the_scalar_bits(isa_name, m, k, heap):
+    """A prompt's attention product with 16 tokens as lanes, a read along its rows (the keys)
+    and down its columns (the values): numpy within float rounding, and the scalar kernel's
+    bits (one fma chain per output, in order)."""
+    ops, ref = lib.ps_f32_ops_for(require_isa(isa_name)), lib.ps_f32_ops_for(lib.PS_ISA_SCALAR)
+    rng = np.random.default_rng(m * 1000 + k)
+    ldb = 16 + 3
+    b = random_floats(rng, max(k, 1) * ldb)
+    B = b.reshape(-1, ldb)[:k, :16].astype(np.float64)
+    for a_rs, a_ks, rows in ((k + 2, 1, max(m, 1)), (1, m + 3, max(k, 1))):   # along rows / down columns
+        a = random_floats(rng, rows * max(a_rs, a_ks))
+        A = np.array([[a[r * a_rs + i * a_ks] for i in range(k)] for r in range(m)], dtype=np.float64).reshape(m, k)
+        got = gemm16(ops, a, a_rs, a_ks, m, b, ldb, k, heap)
+        assert np.all(np.abs(got[:, :16] - A @ B) <= 1e-5 * (np.abs(A) @ np.abs(B)) + 1e-30)
+        assert np.all(np.isnan(got[:, 16]))                   # nothing written past the 16 lanes
+        want = gemm16(ref, a, a_rs, a_ks, m, b, ldb, k, heap)
+        np.testing.assert_array_equal(got[:, :16].view(np.uint32), want[:, :16].view(np.uint32))
+
+
 @pytest.mark.parametrize("isa_name", ISAS)
 def test_a_positions_score_does_not_depend_on_how_many_there_are(isa_name, heap):
     """Decoding scores one more position each step, a prompt all of them at once: a position's
