@@ -108,6 +108,23 @@ static double time_pass(const ps_type_traits *t, int isa, int kernel, const char
     return best;
 }
 
+/* one column heading per ISA this CPU runs, each `width` wide, then a newline */
+static void print_isas(int width) {
+    for (int isa = 0; isa < PS_ISA_COUNT; isa++)
+        if (ps_kernels_isa_available(isa)) printf(" %*s", width, ps_kernels_isa_name(isa));
+    printf("\n");
+}
+
+/* rows x cols of src in type's blocks (malloc'ed), its name printed as the table row's start */
+static char *matrix_of(int type, const float *src, int rows, int cols) {
+    const ps_type_traits *ref = ps_type_traits_for(type, PS_ISA_SCALAR);
+    const size_t row_bytes = ps_row_bytes(type, cols);
+    char *w = malloc(row_bytes * rows);
+    for (int r = 0; r < rows; r++) ref->from_float(src + (long)r * cols, w + r * row_bytes, cols);
+    printf("%-6s", ref->name);
+    return w;
+}
+
 int main(int argc, char **argv) {
     const int rows = argc > 2 ? atoi(argv[1]) : 1536, cols = argc > 2 ? atoi(argv[2]) : 576;
     if (rows <= 0 || cols <= 0 || cols % 32 != 0) {
@@ -124,15 +141,10 @@ int main(int argc, char **argv) {
     printf("%d x %d, GB/s of weights: dot / axpy / axpy4 / dot_q8 (integer types; BF16: dot_bf16 where an ISA has "
            "it) / dot4_q8 / dot8_q8 (where an ISA has them)\n%-6s",
            rows, cols, "");
-    for (int isa = 0; isa < PS_ISA_COUNT; isa++)
-        if (ps_kernels_isa_available(isa)) printf(" %53s", ps_kernels_isa_name(isa));
-    printf("\n");
+    print_isas(53);
     for (size_t k = 0; k < sizeof(types) / sizeof(types[0]); k++) {
-        const ps_type_traits *ref = ps_type_traits_for(types[k], PS_ISA_SCALAR);
         const size_t row_bytes = ps_row_bytes(types[k], cols);
-        char *w = malloc(row_bytes * rows);
-        for (int r = 0; r < rows; r++) ref->from_float(src + (long)r * cols, w + r * row_bytes, cols);
-        printf("%-6s", ref->name);
+        char *w = matrix_of(types[k], src, rows, cols);
         for (int isa = 0; isa < PS_ISA_COUNT; isa++) {
             const ps_type_traits *t = ps_type_traits_for(types[k], isa);
             if (!t) continue;
@@ -160,15 +172,10 @@ int main(int argc, char **argv) {
     for (long i = 0; i < (long)PROMPT_TOKENS * cols; i++) xs[i] = (float)((i * 104729) % 2003 - 1001) * 1e-3f;
     printf("\nprompt GEMM, %d tokens, G multiply-adds/s: gemm_q8 / dequantised into the f32 GEMM\n%-6s",
            PROMPT_TOKENS, "");
-    for (int isa = 0; isa < PS_ISA_COUNT; isa++)
-        if (ps_kernels_isa_available(isa)) printf(" %17s", ps_kernels_isa_name(isa));
-    printf("\n");
-    for (size_t k = 3; k < sizeof(types) / sizeof(types[0]); k++) {
-        const ps_type_traits *ref = ps_type_traits_for(types[k], PS_ISA_SCALAR);
+    print_isas(17);
+    for (size_t k = 3; k < sizeof(types) / sizeof(types[0]); k++) {   /* the integer types */
         const size_t row_bytes = ps_row_bytes(types[k], cols);
-        char *w = malloc(row_bytes * rows);
-        for (int r = 0; r < rows; r++) ref->from_float(src + (long)r * cols, w + r * row_bytes, cols);
-        printf("%-6s", ref->name);
+        char *w = matrix_of(types[k], src, rows, cols);
         const double gmac = (double)rows * cols * PROMPT_TOKENS * 1e-9;
         for (int isa = 0; isa < PS_ISA_COUNT; isa++) {
             if (!ps_kernels_isa_available(isa)) continue;
