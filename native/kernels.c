@@ -618,7 +618,6 @@ static void to_bf16_scalar(const float *x, uint16_t *out, int64_t n) {
     for (int64_t i = 0; i < n; i++) out[i] = ps_f32_to_bf16(x[i]);
 }
 
-/* weighted_sum over rows of type F32 or F16 (the KV cache's) */
 /* gemm16's definition: each (row, lane) one fma chain over i in order, from zero */
 static void gemm16_scalar(const float *a, int64_t a_rs, int64_t a_ks, int64_t m, const float *b, int64_t ldb,
                           int64_t k, float *c, int64_t ldc) {
@@ -632,6 +631,7 @@ static void gemm16_scalar(const float *a, int64_t a_rs, int64_t a_ks, int64_t m,
     }
 }
 
+/* weighted_sum over rows of type F32 or F16 (the KV cache's) */
 static void weighted_sum_scalar(const float *w, int64_t n, const void *rows, int64_t ld, int64_t k, int type,
                                 float *out) {
     for (int64_t i = 0; i < k; i++) out[i] = 0.0f;
@@ -937,7 +937,6 @@ TARGET_AVX2 static void exp_avx2(const float *x, float *y, int64_t n) {
     for (; i < n; i++) y[i] = exp1_scalar(x[i]);
 }
 
-/* 32 columns at a time in 4 accumulators, kept in registers over all the rows */
 /* gemm16: tiles of 6 rows, each row's 16 lanes in two vectors (12 accumulators); per step two
  * loads of b and a broadcast of each row's a */
 TARGET_AVX2 INLINE void gemm16_tile_avx2(const float *a, int64_t a_rs, int64_t a_ks, const int R, const float *b,
@@ -965,6 +964,7 @@ TARGET_AVX2 static void gemm16_avx2(const float *a, int64_t a_rs, int64_t a_ks, 
     for (; r < m; r++) gemm16_tile_avx2(a + r * a_rs, a_rs, a_ks, 1, b, ldb, k, c + r * ldc, ldc);
 }
 
+/* 32 columns at a time in 4 accumulators, kept in registers over all the rows */
 TARGET_AVX2 static void scores_avx2(const float *q, const void *k, int64_t ld, int64_t n, int64_t hd, int k_type,
                                     float *out) {
     const size_t es = k_type == PS_TYPE_F16 ? 2 : 4;
@@ -1173,10 +1173,12 @@ SIMD_Q8_DOT4(TARGET_AVX2, avx2, quantize_q8_avx2)
  * broadcast and multiplied into both halves; per block, each lane's integer sum is scaled
  * into its float accumulator. Q8_0's codes go unsigned (+128, the sign bit flipped) and each
  * lane's sum starts at -128 x its token's code sum (Q4_0: the codes are unsigned already,
- * -8 x the sum), so the sums are exact integer dots. R = 4 for Q8_0 (8 integer accumulators;
- * the float ones spill to L1, touched once per block) and 2 for Q4, whose codes take 2-3 more
- * steps to unpack: in cache (576 columns, 128 tokens, Zen 5) 185 and 131 G multiply-adds/s,
- * against 57 for dequantising into the f32 GEMM. */
+ * -8 x the sum), so the sums are exact integer dots. R = 4 for Q8_0 with VNNI (8 integer
+ * accumulators; the float ones spill to L1, touched once per block) and 2 for Q4, whose codes
+ * take 2-3 more steps to unpack, and for Q8_0 without VNNI: in cache (576 columns, 128 tokens,
+ * Zen 5) 185 and 131 G multiply-adds/s with VNNI, against 57 for dequantising into the f32
+ * GEMM. The codes of x must lie in [-127, 127], as ps_quantize_q8 makes them from finite input
+ * (the sign trick without VNNI needs it). */
 #define GEMM_Q8_AVX2(TARGET, isa, MUL_ACC, VNNI)                                               \
     TARGET INLINE void gq_tile_##isa(const char *a, size_t row_bytes, const int R, const int T, const int type, \
                                      const ps_q8_batch *x, int64_t nblk, int64_t g, float out[][GQ_LANES]) { \
@@ -2194,7 +2196,6 @@ static void exp_neon(const float *x, float *y, int64_t n) {
     for (; i < n; i++) y[i] = exp1_scalar(x[i]);
 }
 
-/* 32 columns at a time in 8 accumulators, kept in registers over all the rows */
 /* gemm16: tiles of 4 rows, each row's 16 lanes in four vectors (16 accumulators) */
 INLINE void gemm16_tile_neon(const float *a, int64_t a_rs, int64_t a_ks, const int R, const float *b, int64_t ldb,
                              int64_t k, float *c, int64_t ldc) {
@@ -2220,6 +2221,7 @@ static void gemm16_neon(const float *a, int64_t a_rs, int64_t a_ks, int64_t m, c
     for (; r < m; r++) gemm16_tile_neon(a + r * a_rs, a_rs, a_ks, 1, b, ldb, k, c + r * ldc, ldc);
 }
 
+/* 32 columns at a time in 8 accumulators, kept in registers over all the rows */
 static void scores_neon(const float *q, const void *k, int64_t ld, int64_t n, int64_t hd, int k_type, float *out) {
     const size_t es = k_type == PS_TYPE_F16 ? 2 : 4;
     for (int64_t t = 0; t < n; t++) out[t] = dot_neon((const char *)k + (size_t)(t * ld) * es, q, hd, k_type);

@@ -58,7 +58,8 @@ typedef struct {
  * holds 4 consecutive codes of each of 8 or 16 tokens. Group g's block b (of 32 codes per
  * token) is 8 steps of 16 x 4 bytes: qs[((g * n/32 + b) * 8 + step) * 64 + 4 * lane + i] is
  * code 4 * step + i of token 16 * g + lane. d, s (as ps_q8_vec's) and sum (the block's code
- * sum) are at [(g * n/32 + b) * 16 + lane]. Lanes past the batch are zeros. */
+ * sum) are at [(g * n/32 + b) * 16 + lane]. Lanes past the batch are zeros. gemm_q8 needs the
+ * codes in [-127, 127], as the quantiser makes them from finite input. */
 typedef struct {
     int8_t  *qs;   /* (groups * 16 * n) */
     float   *d;    /* (groups * 16 * n / 32) */

@@ -672,6 +672,33 @@ static void attend_prompt_tile(ps_model *m, const ps_f32_ops *ops, const char *k
         }
 }
 
+/* token b's head h over positions 0 .. pos0 + b, one unit (attend_span, normalised) */
+static void attend_token(ps_model *m, const ps_f32_ops *ops, const char *kc, const char *vc, int b, int h, int pos0,
+                         float *scores) {
+    const ps_config *c = &m->c;
+    const int hd = c->head_dim, kvd = kv_dim(c), kvh = h / (c->n_head / c->n_head_kv);
+    const size_t es = ps_row_bytes(m->kv_type, 1);
+    float *out = m->att_out + (int64_t)b * q_dim(c) + h * hd, max_score, sum;
+    attend_span(ops, m->q + (int64_t)b * q_dim(c) + h * hd, kc + (size_t)kvh * hd * es, vc + (size_t)kvh * hd * es,
+                kvd, hd, m->kv_type, pos0 + b + 1, 1.0f / sqrtf((float)hd), scores, out, &max_score, &sum);
+    normalise(out, hd, sum);
+}
+
+/* whether the values of KV head kvh at positions p0 .. p0 + n - 1 are all finite: a tile's own
+ * positions, which its earlier tokens mask with a weight of 0 but still multiply (0 x inf is
+ * NaN; an F16 cache stores values past 65504 as inf) */
+static int values_finite(const ps_model *m, const char *vc, int kvh, int p0, int n) {
+    const int hd = m->c.head_dim, kvd = kv_dim(&m->c);
+    for (int p = p0; p < p0 + n; p++)
+        for (int e = 0; e < hd; e++) {
+            const size_t at = (size_t)p * kvd + (size_t)kvh * hd + e;
+            if (m->kv_type == PS_TYPE_F32 ? !isfinite(((const float *)vc)[at])
+                                          : (((const uint16_t *)vc)[at] & 0x7c00) == 0x7c00)
+                return 0;
+        }
+    return 1;
+}
+
 static void attention_task(void *ctx, int ith, int nth) {
     attention_job *job = ctx;
     ps_model *m = job->m;
@@ -691,13 +718,11 @@ static void attention_task(void *ctx, int ith, int nth) {
     const char *kc = m->k_cache + (size_t)job->layer * (size_t)m->n_ctx * row;
     const char *vc = m->v_cache + (size_t)job->layer * (size_t)m->n_ctx * row;
     float *scores = m->scores + (int64_t)ith * m->n_ctx;
-    if (job->batch == 1 && job->pos0 + 1 <= ATT_SPAN) {   /* one token, a unit per query head */
-        for (int h; (h = atomic_fetch_add(&job->next, 1)) < c->n_head;) {
-            float *out = m->att_out + h * hd, max_score, sum;
-            attend_span(ops, m->q + h * hd, kc + (size_t)(h / group) * hd * es, vc + (size_t)(h / group) * hd * es, kvd,
-                        hd, m->kv_type, job->pos0 + 1, scale, scores, out, &max_score, &sum);
-            normalise(out, hd, sum);
-        }
+    /* one token up to ATT_SPAN positions, or a batch too small to fill tiles of 16 tokens
+     * (most of whose lanes would be padding): a unit per token and query head */
+    if ((job->batch == 1 && job->pos0 + 1 <= ATT_SPAN) || (job->batch > 1 && job->batch < ATT_TQ / 2)) {
+        for (int u; (u = atomic_fetch_add(&job->next, 1)) < job->batch * c->n_head;)
+            attend_token(m, ops, kc, vc, u / c->n_head, u % c->n_head, job->pos0, scores);
         return;
     }
     if (job->batch == 1) {
@@ -733,8 +758,13 @@ static void attention_task(void *ctx, int ith, int nth) {
     float *scr = m->att_scratch + (int64_t)ith * att_prompt_floats(c);
     for (int u; (u = atomic_fetch_add(&job->next, 1)) < units;) {
         const int t0 = (n_tiles - 1 - u / c->n_head_kv) * ATT_TQ, kvh = u % c->n_head_kv;
-        attend_prompt_tile(m, ops, kc, vc, kvh, t0, job->batch - t0 < ATT_TQ ? job->batch - t0 : ATT_TQ, job->pos0,
-                           scr);
+        const int nt = job->batch - t0 < ATT_TQ ? job->batch - t0 : ATT_TQ;
+        if (values_finite(m, vc, kvh, job->pos0 + t0, nt)) {
+            attend_prompt_tile(m, ops, kc, vc, kvh, t0, nt, job->pos0, scr);
+            continue;
+        }
+        for (int b = t0; b < t0 + nt; b++)   /* as decoding would: no masked position is read */
+            for (int h = kvh * group; h < (kvh + 1) * group; h++) attend_token(m, ops, kc, vc, b, h, job->pos0, scores);
     }
 }
 
@@ -945,7 +975,7 @@ static void gate_task(void *ctx, int ith, int nth) {
          * the pattern of active neurons is random (~11 cycles a value at 70% sparsity: 15% of
          * a sparse-layout prompt). */
         const float min = c->activation == PS_ACT_RELU ? FLT_TRUE_MIN : c->act_threshold;
-        int32_t active = 0;
+        int32_t active = 0;   /* int32, so the loop vectorises: a slice has < batch * n_ff values */
         for (int64_t i = i0; i < i1; i++) {
             const float a = __builtin_isgreaterequal(hb[i], min) ? hb[i] : 0.0f;
             active += a != 0.0f;

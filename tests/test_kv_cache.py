@@ -49,6 +49,34 @@ def test_f16_cache_decodes_like_its_prompt_and_the_same_on_any_thread_count(tmp_
         np.testing.assert_array_equal(later, results[0])
 
 
+def test_an_infinite_value_in_the_f16_cache_reaches_no_earlier_token_of_a_prompt(tmp_path):
+    """A prompt's attention works in tiles of 16 tokens, each token's later positions masked by a
+    weight of 0 while their values are still multiplied: a value stored as inf (F16 past 65504)
+    would give 0 x inf = NaN in the earlier tokens of its tile. Such a tile goes token by token,
+    so the tokens before it stay finite and equal what decoding gives."""
+    import torch
+    model = tiny_llama(K.ACT_SILU, seed=23)
+    T, at = 7, 10                         # token 7 at position 10 overflows layer 0's values
+    with torch.no_grad():
+        emb, layer = model.model.embed_tokens.weight, model.model.layers[0]
+        emb[:, 0] = 0.0
+        emb[T] = 0.0
+        emb[T, 0] = 1.0                   # one-hot: its normed input is sqrt(64) x the norm weight
+        layer.input_layernorm.weight[0] = 30000.0
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            proj.weight[:, 0] = 0.0
+        layer.self_attn.v_proj.weight[0, 0] = 1.0    # value 240000 in the f16 cache: inf
+    path = to_gguf(model, tmp_path / "m.gguf", "f32")
+    tokens = [t if t != T else 8 for t in PROMPT]
+    tokens[at] = T
+    with Runtime(path, n_ctx=64, threads=2, activations="f32", kv_type="f16") as rt:
+        batched = rt.evaluate(tokens)
+        one_by_one = rt.evaluate(tokens, sequential=True)
+    assert not np.all(np.isfinite(one_by_one[at]))   # the overflow is real
+    assert np.all(np.isfinite(batched[:at]))
+    assert rel_err(batched[:at], one_by_one[:at]) <= 1e-4
+
+
 def test_unknown_kv_type_is_refused_before_loading(tmp_path):
     path = to_gguf(tiny_llama(), tmp_path / "m.gguf", "f32")
     with pytest.raises(ValueError, match="unknown KV cache type 'q8'; choose one of f32, f16"):
