@@ -412,7 +412,7 @@ INLINE float load1(const void *row, int64_t i, int type) {
  * steps, step s holding each lane's weights 4s..4s+3 of the block (4 bytes per lane), so that
  * one vector of 32-bit lanes is one step of 8 or 16 tokens, and a 4-byte broadcast of a
  * weight row meets every token at once (vpdpbusd: 4 products per lane). */
-#define GQ_LANES 16
+#define GQ_LANES PS_Q8_BATCH_LANES
 #define GQ_STEP_BYTES (GQ_LANES * 4)
 #define GQ_BLOCK_BYTES (GQ_STEP_BYTES * QK / 4)
 
@@ -1175,16 +1175,16 @@ SIMD_Q8_DOT4(TARGET_AVX2, avx2, quantize_q8_avx2)
  * lane's sum starts at -128 x its token's code sum (Q4_0: the codes are unsigned already,
  * -8 x the sum), so the sums are exact integer dots. R = 4 for Q8_0 with VNNI (8 integer
  * accumulators; the float ones spill to L1, touched once per block) and 2 for Q4, whose codes
- * take 2-3 more steps to unpack, and for Q8_0 without VNNI: in cache (576 columns, 128 tokens,
- * Zen 5) 185 and 131 G multiply-adds/s with VNNI, against 57 for dequantising into the f32
- * GEMM. The codes of x must lie in [-127, 127], as ps_quantize_q8 makes them from finite input
+ * take 2-3 more steps to unpack, and for Q8_0 without VNNI: in cache (native/bench/bench_kernels'
+ * prompt table, 1536 x 576, 128 tokens, Zen 5) 177 and 128 G multiply-adds/s with VNNI, against
+ * 57 for dequantising into the f32 GEMM. The codes of x must lie in [-127, 127], as ps_quantize_q8 makes them from finite input
  * (the sign trick without VNNI needs it). */
 #define GEMM_Q8_AVX2(TARGET, isa, MUL_ACC, VNNI)                                               \
     TARGET INLINE void gq_tile_##isa(const char *a, size_t row_bytes, const int R, const int T, const int type, \
                                      const ps_q8_batch *x, int64_t nblk, int64_t g, float out[][GQ_LANES]) { \
         __m256 f[4][2];                                                                        \
         __m256i acc[4][2];                                                                     \
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[r][0] = f[r][1] = _mm256_setzero_ps();                   \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[r][0] = f[r][1] = _mm256_setzero_ps(); \
         const __m256i m4 = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8((char)0x80);        \
         for (int64_t b = 0; b < nblk; b++) {                                                   \
             const int8_t *xq = x->qs + (g * nblk + b) * GQ_BLOCK_BYTES;                        \
@@ -1884,8 +1884,8 @@ DOT_Q8_AVX512(TARGET_AVX512, avx512, mul_sum_avx512, mul_acc_avx512)
 SIMD_Q8_DOT8(TARGET_AVX512, avx512, quantize_q8_avx512)
 
 /* Prompt batches in int8, as the AVX2 kernel (GEMM_Q8_AVX2) with a group of 16 tokens per
- * vector: tiles of 4 rows x 2 groups (8 integer and 8 float accumulators). In cache (576
- * columns, 128 tokens, Zen 5): Q8_0 327, Q4_1 277 G multiply-adds/s, against 95 for
+ * vector: tiles of 4 rows x 2 groups (8 integer and 8 float accumulators). In cache
+ * (bench_kernels, as above): Q8_0 304, Q4_1 287 G multiply-adds/s, against 93-94 for
  * dequantising into the f32 GEMM; 6 or 8 rows ran slower for Q4_1. */
 #define GEMM_Q8_AVX512(TARGET, isa, MUL_ACC, VNNI)                                             \
     TARGET INLINE void gq_tile_##isa(const char *a, size_t row_bytes, const int R, const int T, const int type, \

@@ -60,6 +60,7 @@ typedef struct {
  * code 4 * step + i of token 16 * g + lane. d, s (as ps_q8_vec's) and sum (the block's code
  * sum) are at [(g * n/32 + b) * 16 + lane]. Lanes past the batch are zeros. gemm_q8 needs the
  * codes in [-127, 127], as the quantiser makes them from finite input. */
+enum { PS_Q8_BATCH_LANES = 16 };   /* tokens per group of a ps_q8_batch */
 typedef struct {
     int8_t  *qs;   /* (groups * 16 * n) */
     float   *d;    /* (groups * 16 * n / 32) */

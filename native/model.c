@@ -376,7 +376,7 @@ typedef struct {
 static void q8_pack_task(void *ctx, int ith, int nth) {
     const q8_pack_job *job = ctx;
     const ps_q8_batch *all = &job->m->in_q8b;
-    const int64_t n = job->n, lanes = 16, meta = lanes * (n / 32);
+    const int64_t n = job->n, lanes = PS_Q8_BATCH_LANES, meta = lanes * (n / 32);
     for (int64_t g = ith; g < ps_q8_batch_groups(job->batch); g += nth) {
         const ps_q8_batch part = { all->qs + g * lanes * n, all->d + g * meta, all->s + g * meta, all->sum + g * meta };
         const int64_t tokens = job->batch - g * lanes < lanes ? job->batch - g * lanes : lanes;
@@ -1396,7 +1396,7 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
     if (m->layers && any_matrix(m, has_dot_bf16))
         m->in_bf16 = alloc_lines(MAX_BATCH * max_row * (int64_t)sizeof(uint16_t), &failed);
     if (m->layers && any_matrix(m, has_gemm_q8)) {
-        const int64_t lanes = ps_q8_batch_groups(MAX_BATCH) * 16;
+        const int64_t lanes = ps_q8_batch_groups(MAX_BATCH) * PS_Q8_BATCH_LANES;
         m->in_q8b = (ps_q8_batch){ alloc_lines(lanes * max_row, &failed), alloc_floats(lanes * max_row / 32, &failed),
                                    alloc_floats(lanes * max_row / 32, &failed),
                                    alloc_lines(lanes * max_row / 32 * (int64_t)sizeof(int32_t), &failed) };
