@@ -1320,7 +1320,10 @@ TARGET_AVX512 INLINE w32_avx512 load32_avx512(const void *row, int64_t c, int ty
     }
     case PS_TYPE_Q4_1: {
         const block_q4_1 *b = (const block_q4_1 *)row + c;
-        return q4_avx512(b->qs, _mm512_fmadd_ps(iota, _mm512_set1_ps(_cvtsh_ss(b->d)), _mm512_set1_ps(_cvtsh_ss(b->m))));
+        int32_t dm;
+        memcpy(&dm, b, sizeof dm);
+        const __m512 f = _mm512_cvtph_ps(_mm256_set1_epi32(dm));
+        return q4_avx512(b->qs, _mm512_fmadd_ps(iota, _mm512_moveldup_ps(f), _mm512_movehdup_ps(f)));
     }
     default:
         return (w32_avx512){ load16_avx512(row, 32 * c, type), load16_avx512(row, 32 * c + 16, type) };
