@@ -21,7 +21,7 @@ from .gguf_file import GGUFError, GGUFFile
 from .loader import SPARSE_MODES, ModelSpec, read_spec
 from .model_cache import ModelDownloadError
 from .native import ACTIVATIONS, KV_TYPES, LayerStats, NativeError, NativeModel, check_name
-from .sampling import Sampler, SamplingParams
+from .sampling import NonFiniteLogits, Sampler, SamplingParams
 
 DEFAULT_N_CTX = 4096
 ACTIVATION_MODES = ("auto", *ACTIVATIONS)
@@ -335,7 +335,11 @@ class Runtime:
         try:
             while max_tokens != 0:
                 s0 = time.perf_counter()
-                token = sampler.sample(logits, history)
+                try:
+                    token = sampler.sample(logits, history)
+                except NonFiniteLogits as e:
+                    raise ValueError(f"{self.path}: {e} at position {len(history) - 1} (are there inf or "
+                                     f"NaN values among the file's weights?)") from e
                 t.sample_ms += (time.perf_counter() - s0) * 1000.0
                 if not ignore_eos and self.tokenizer is not None and self.tokenizer.is_eog(token):
                     t.stop_reason = "eos"

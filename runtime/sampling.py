@@ -110,13 +110,17 @@ class Sampler:
 # --- the stages, each usable on its own ---------------------------------------------------
 
 
+class NonFiniteLogits(ValueError):
+    """The logits' maximum is NaN or inf: nothing can be sampled from them."""
+
+
 def _checked_logits(logits: np.ndarray) -> np.ndarray:
     logits = np.asarray(logits)
     if logits.ndim != 1 or logits.size == 0:
         raise ValueError(f"logits must be a non-empty 1-D array (n_vocab,), got {logits.shape}")
     top = logits.max()
     if not np.isfinite(top):
-        raise ValueError(
+        raise NonFiniteLogits(
             f"logits contain {top} as their maximum; the forward pass produced NaN or inf"
         )
     return logits

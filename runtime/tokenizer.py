@@ -385,6 +385,9 @@ def _required(meta: dict, key: str, source: str, what: str, one_at_a_time: bool 
     return meta[key]
 
 
+_BYTE_TOKEN = regex.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
 def _vocabulary(meta: dict, source: str) -> tuple[list[str], dict[str, int], list[int]]:
     """Token texts, text -> id, and token types (all normal when the file gives none)."""
     tokens = list(_required(meta, KEY_TOKENS, source, "the file has no vocabulary; re-convert it"))
@@ -397,6 +400,10 @@ def _vocabulary(meta: dict, source: str) -> tuple[list[str], dict[str, int], lis
     if len(types) < len(tokens):
         raise ValueError(f"{source}: {KEY_TOKEN_TYPE} has {len(types)} entries for {len(tokens)} "
                          "tokens; re-convert the model")
+    for i, t in enumerate(types[:len(tokens)]):
+        if t == TokenType.BYTE and not _BYTE_TOKEN.fullmatch(tokens[i]):
+            raise ValueError(f"{source}: {KEY_TOKENS}[{i}] = {tokens[i]!r} has {KEY_TOKEN_TYPE} "
+                             f"{TokenType.BYTE} (a byte), but a byte token's text is <0xXX>")
     return tokens, vocab, types
 
 
@@ -596,8 +603,18 @@ class Tokenizer:
         named = (("bos_token", self.bos_id), ("eos_token", self.eos_id),
                  ("unk_token", self.unk_id), ("pad_token", self.pad_id))
         special = {name: self.tokens[i] for name, i in named if i is not None}
-        from .chat import render_chat   # jinja2 (~2 MB) only when a template is rendered
-        return render_chat(self.chat_template, messages, add_generation_prompt, **special)
+        import jinja2   # (~2 MB) only when a template is rendered
+
+        from .chat import render_chat
+        try:
+            return render_chat(self.chat_template, messages, add_generation_prompt, **special)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"{self.source}: {KEY_CHAT_TEMPLATE} is not a valid Jinja template "
+                             f"(line {e.lineno}: {e.message})") from e
+        except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as e:
+            # the template's own raise_exception(...), or a template that fails on these messages
+            what = str(e) if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: {e}"
+            raise ValueError(f"{self.source}: the chat template ({KEY_CHAT_TEMPLATE}) failed: {what}") from e
 
 
 class StreamDecoder:

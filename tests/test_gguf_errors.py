@@ -154,3 +154,17 @@ def test_random_header_corruption_never_crashes(tmp_path, good):
         except (GGUFError, ValueError, RuntimeError) as e:
             assert str(path) in str(e) or "token id" in str(e), e
         path.unlink()
+
+
+def test_nan_weights_fail_generation_naming_the_file(tmp_path):
+    """Weights holding NaN (a corrupt or badly converted file) give NaN logits: generating from
+    them fails with an error naming the file, not a bare sampling error."""
+    import torch
+
+    model = tiny_llama(K.ACT_RELU, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight[:, 5] = float("nan")
+    path = to_gguf(model, tmp_path / "nan.gguf", "f32", K.ACT_RELU)
+    with Runtime(path, n_ctx=16, threads=1) as rt:
+        with pytest.raises(ValueError, match=r"nan\.gguf: logits contain nan .* at position 2 "):
+            list(rt.generate_tokens([1, 2, 3], max_tokens=2, temperature=0.0))

@@ -440,10 +440,23 @@ def test_template_generation_tag_renders_its_body():
 def test_template_sees_special_tokens_and_can_raise():
     template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'tool' %}"
                 "{{ raise_exception('no tools') }}{% endif %}{{ m['content'] | tojson }}{% endfor %}")
-    tok = Tokenizer.from_metadata(tiny_bpe_metadata(**{C.KEY_CHAT_TEMPLATE: template}))
+    tok = Tokenizer.from_metadata(tiny_bpe_metadata(**{C.KEY_CHAT_TEMPLATE: template}), source="chat.gguf")
     assert tok.apply_chat_template([{"role": "user", "content": "<é>"}]) == '<|im_start|>"<é>"'
-    with pytest.raises(jinja2.TemplateError, match="no tools"):
+    with pytest.raises(ValueError, match="chat.gguf: the chat template .* failed: no tools") as error:
         tok.apply_chat_template([{"role": "tool", "content": ""}])
+    assert isinstance(error.value.__cause__, jinja2.TemplateError)
+
+
+@pytest.mark.parametrize("template, found", [
+    ("{% for m in messages %}{{ m['content'] }}", "not a valid Jinja template"),   # no endfor
+    ("{{ m['content'] !}}", "not a valid Jinja template"),
+    ("{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}", "failed: TypeError"),
+])
+def test_broken_chat_template_names_file_and_key(template, found):
+    tok = Tokenizer.from_metadata(tiny_bpe_metadata(**{C.KEY_CHAT_TEMPLATE: template}), source="chat.gguf")
+    with pytest.raises(ValueError, match=f"chat.gguf: .*{found}") as error:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert C.KEY_CHAT_TEMPLATE in str(error.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,8 +480,11 @@ def _without(key: str) -> dict:
     (tiny_bpe_metadata(**{C.KEY_TOKENS: ["a", "a"], C.KEY_TOKEN_TYPE: [1, 1], C.KEY_MERGES: []}),
      C.KEY_TOKENS),
     (tiny_bpe_metadata(**{C.KEY_ADD_EOS: True, C.KEY_EOS_ID: None}), C.KEY_EOS_ID),
+    (tiny_bpe_metadata(**{C.KEY_TOKENS: ["<|im_start|>", "<|im_end|>", "a", "b", "ab", "\u0120", "\u0120ab",
+                                         "<0x\x00\x00>"],
+                          C.KEY_TOKEN_TYPE: [3, 3, 1, 1, 1, 1, 1, 6]}), C.KEY_TOKENS),
 ], ids=["no-tokens", "no-model", "no-merges", "unknown-model", "unknown-pre", "merge-unknown-token",
-        "merge-malformed", "duplicate-token", "add-eos-without-eos"])
+        "merge-malformed", "duplicate-token", "add-eos-without-eos", "byte-token-not-hex"])
 def test_bad_metadata_names_file_and_key(meta, key):
     with pytest.raises(ValueError, match="broken.gguf") as error:
         Tokenizer.from_metadata(meta, source="broken.gguf")
