@@ -146,6 +146,10 @@ def read_spec(gf: GGUFFile) -> ModelSpec:
         "output": _tensor(gf, K.OUTPUT, required=False),
     }
     n_vocab = globals_["tok_embd"].n_rows
+    last = K.block_tensor(n_layer - 1, K.ATTN_NORM)
+    if last not in gf.tensors:   # checked before anything loops over the layers: a corrupt count can be 2^32
+        raise GGUFError(f"{gf.path}: tensor {last!r} is missing ({K.arch_key(arch, K.BLOCK_COUNT)} = {n_layer}; "
+                        f"the file has {len(gf.tensors)} tensors)")
     config = dict(
         arch=ARCH_IDS[arch], n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         n_head_kv=n_head_kv, head_dim=head_dim, n_ff=n_ff, n_rot=n_rot,

@@ -168,3 +168,15 @@ def test_nan_weights_fail_generation_naming_the_file(tmp_path):
     with Runtime(path, n_ctx=16, threads=1) as rt:
         with pytest.raises(ValueError, match=r"nan\.gguf: logits contain nan .* at position 2 "):
             list(rt.generate_tokens([1, 2, 3], max_tokens=2, temperature=0.0))
+
+
+def test_corrupt_block_count_fails_at_once(tmp_path, good):
+    """A layer count far beyond the file's tensors (found by tests/fuzz_gguf.py: a flipped byte
+    made it 352321538, and loading looped over that many layers for minutes)."""
+    def edit(d):
+        key = b"llama.block_count"
+        at = d.index(struct.pack("<Q", len(key)) + key) + 8 + len(key) + 4   # past the value type
+        d[at:at + 4] = struct.pack("<I", 352321538)
+    with pytest.raises(GGUFError, match=r"tensor 'blk.352321537.attn_norm.weight' is missing "
+                                        r"\(llama.block_count = 352321538; the file has \d+ tensors\)"):
+        _load(_variant(tmp_path, good, edit))
