@@ -228,6 +228,7 @@ class Result:
     layers: list[LayerStats] | None = field(default=None, repr=False)
     n_depth: int = 0                         # tokens evaluated before the test
     kv_type: str = "f32"                     # the KV cache's type
+    huge_page_share: float | None = None     # of the model file (Runtime.huge_page_share)
 
     @property
     def n_tokens(self) -> int:
@@ -321,7 +322,8 @@ def bench_model(info: ModelInfo, threads: int, mode: str, prompts: list[int], ge
             for n in prompts:
                 prompt_ns(rt, tokens, n, d)                                # warm-up
                 samples = [prompt_ns(rt, tokens, n, d) for _ in range(reps)]
-                yield Result(info, threads, mode, act, f"pp{n}{at}", n, 0, samples, n_depth=d, kv_type=kv_type)
+                yield Result(info, threads, mode, act, f"pp{n}{at}", n, 0, samples, n_depth=d, kv_type=kv_type,
+                             huge_page_share=rt.huge_page_share)
             for n in gens:
                 run_decode(rt, tokens, 1, d)                               # warm-up
                 samples = [run_decode(rt, tokens, n, d) for _ in range(reps)]
@@ -332,7 +334,7 @@ def bench_model(info: ModelInfo, threads: int, mode: str, prompts: list[int], ge
                     rt.collect_stats(False)
                 yield Result(info, threads, mode, act, f"tg{n}{at}", 0, n, samples,
                              weight_bytes_per_token(info.spec, mode, layers), bandwidth, layers,
-                             n_depth=d, kv_type=kv_type)
+                             n_depth=d, kv_type=kv_type, huge_page_share=rt.huge_page_share)
 
 
 # ------------------------------------------------------------------------------------------
@@ -395,12 +397,19 @@ def json_record(r: Result) -> dict:
         "bandwidth_bytes_per_s": r.bandwidth if r.weight_bytes is not None else None,
         "bandwidth_share": share,
         "ffn_sparsity": r.ffn_sparsity, "ffn_computed_fraction": r.ffn_computed_fraction,
+        "huge_page_share": r.huge_page_share,
     }
 
 
 def bandwidth_line(bw: dict[int, float]) -> str:
     parts = [f"{b / 1e9:.1f} GB/s ({t} thread{'s' if t > 1 else ''})" for t, b in sorted(bw.items())]
     return "bandwidth: " + ", ".join(parts)
+
+
+def huge_pages_line(shares: dict[str, float | None]) -> str:
+    """Which share of each model file 2 MiB pages mapped (decoding from 4 KiB pages is slower)."""
+    parts = [f"{name} {'unknown' if v is None else f'{100 * v:.0f}%'}" for name, v in shares.items()]
+    return "2 MiB pages: " + ", ".join(parts)
 
 
 def build_line() -> str:
@@ -499,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bandwidth = read_bandwidth(threads, args.bw_mib) if gens else {}
     table = MarkdownTable(sys.stdout) if args.output == "md" else None
+    pages: dict[str, float | None] = {}
     for info in models:
         for t in threads:
             for mode in args.sparse or info.modes:
@@ -510,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
                     for kv in args.kv_type:
                         for r in bench_model(info, t, mode, prompts, gens, args.repetitions, bandwidth.get(t),
                                              args.predictor_threshold, act, args.n_depth, kv):
+                            pages[info.path.name] = r.huge_page_share
                             if table:
                                 table.row(r)
                             else:
@@ -518,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         if bandwidth:
             print(bandwidth_line(bandwidth))
+        if pages:
+            print(huge_pages_line(pages))
         print(build_line())
     return 0
 

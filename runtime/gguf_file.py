@@ -245,6 +245,92 @@ def drop_cached_pages(fd: int) -> None:
             pass
 
 
+# Linux's madvise(MADV_POPULATE_READ) (5.14): fault a range in without touching it from Python
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if os.uname().sysname == "Linux" else None)
+_HUGE_PAGE = 2 << 20
+_MIN_HUGE_MAP = 8 * _HUGE_PAGE      # smaller files are not worth a check
+
+
+def _pmd_mapped_bytes(mm: mmap.mmap) -> int | None:
+    """Bytes of mm's mapping that 2 MiB page-table entries map (FilePmdMapped in
+    /proc/self/smaps), or None where that cannot be read."""
+    view = np.frombuffer(mm, dtype=np.uint8, count=1)
+    address = view.__array_interface__["data"][0]
+    del view
+    try:
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                head = line.split(" ", 1)[0]
+                if "-" in head and not head.endswith(":"):   # a mapping's first line: start-end
+                    start, _, end = head.partition("-")
+                    inside = int(start, 16) <= address < int(end, 16)
+                elif inside and line.startswith("FilePmdMapped:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _map_in_huge_pages(fd: int, mm: mmap.mmap, size: int) -> tuple[mmap.mmap, float | None]:
+    """mm (or a new mapping of fd replacing it), faulted in, and the share of its 2 MiB-aligned
+    span that 2 MiB pages map (None: not measured).
+
+    A mapping asking for huge pages gets them only where the page cache holds the file in 2 MiB
+    folios, and it keeps whatever folios earlier reads left: a file copied or read without that
+    hint sits there in 4 KiB pages, and decoding from such a mapping was 9-20% slower (SmolLM2
+    Q4_1 / Q8_0 on one core, runtime/BENCHMARKS.md, tenth session). So the mapping is faulted
+    in now, and when huge pages map under 3/4 of it, the file's cached pages are dropped (a hint
+    the kernel ignores for pages other processes map) and read again through a fresh mapping,
+    first 4 MiB as a probe: a kernel or file system without huge file pages costs only that."""
+    if (_MADV_POPULATE_READ is None or size < _MIN_HUGE_MAP or not _huge_pages_enabled()
+            or size > _available_memory() // 2):   # a file that barely fits is read as it is used
+        return mm, None
+    span = size // _HUGE_PAGE * _HUGE_PAGE
+
+    def populate(m: mmap.mmap, length: int) -> bool:
+        try:
+            m.madvise(_MADV_POPULATE_READ, 0, length)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    if not populate(mm, size) or (mapped := _pmd_mapped_bytes(mm)) is None:
+        return mm, None
+    if mapped >= span * 3 // 4:
+        return mm, mapped / span
+    mm.close()
+    probe = 2 * _HUGE_PAGE
+    os.posix_fadvise(fd, 0, probe, os.POSIX_FADV_DONTNEED)
+    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    advise_huge_pages(mm)
+    if not populate(mm, probe) or not _pmd_mapped_bytes(mm):
+        populate(mm, size)
+        return mm, (_pmd_mapped_bytes(mm) or 0) / span
+    os.posix_fadvise(fd, probe, 0, os.POSIX_FADV_DONTNEED)
+    populate(mm, size)
+    return mm, (_pmd_mapped_bytes(mm) or 0) / span
+
+
+def _huge_pages_enabled() -> bool:
+    """Transparent huge pages on (always) or on request (madvise)."""
+    try:
+        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 class GGUFFile:
     """A GGUF (or PowerInfer ``PWRI``) file, memory-mapped.
 
@@ -253,15 +339,21 @@ class GGUFFile:
     file on access: see ``Metadata``). ``tensors``: name → TensorInfo.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, huge_pages: bool = False):
+        """huge_pages: fault the whole file in now, through 2 MiB pages where the kernel has them
+        (see _map_in_huge_pages; the runtime asks for this, tools that read a few tensors do
+        not). ``huge_page_share`` is then the share of the file they map, else None."""
         self.path = Path(path)
+        self.huge_page_share: float | None = None
         try:
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size == 0:
                     raise GGUFError(f"{self.path}: the file is empty, not a GGUF model")
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            advise_huge_pages(self._mmap)
+                advise_huge_pages(self._mmap)
+                if huge_pages:
+                    self._mmap, self.huge_page_share = _map_in_huge_pages(f.fileno(), self._mmap, size)
         except OSError as e:
             raise GGUFError(f"{self.path}: cannot open: {e.strerror or e}") from e
         self.size = size

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,6 +69,8 @@ def test_markdown_table(relu_path, capsys):
             assert re.fullmatch(r"[\d.]+ MiB", r["weight bytes/token"])
             assert re.fullmatch(r"[\d.]+%", r["% of bandwidth"])
     assert re.search(r"^bandwidth: [\d.]+ GB/s \(1 thread\)$", out, re.M)
+    # a file under 16 MiB is not checked for 2 MiB pages (tests/test_huge_pages.py: one that is)
+    assert re.search(rf"^2 MiB pages: {re.escape(Path(relu_path).name)} unknown$", out, re.M)
 
 
 def test_hot_first_files_are_named(relu_path, tmp_path):
@@ -86,6 +89,7 @@ def test_json_lines_and_bytes_per_token(relu_path, capsys):
         assert r["model_n_params"] > 0 and r["model_size"] > 0
         assert len(r["samples_ts"]) == 1 and r["avg_ts"] > 0
         assert (r["weight_bytes_per_token"] is None) == r["test"].startswith("pp")
+        assert r["huge_page_share"] is None                   # a file under 16 MiB
     tg = {(r["n_threads"], r["sparse"]): r for r in records if r["test"] == "tg4"}
     for t in (1, 2):
         dense, exact = tg[t, "dense"], tg[t, "exact"]
