@@ -192,7 +192,7 @@ class Runtime:
     @property
     def huge_page_share(self) -> float | None:
         """Share of the model file that 2 MiB pages map (fewer TLB misses: decoding from 4 KiB
-        pages was 9-20% slower), or None where that is not known (not Linux, huge pages off,
+        pages was 5-23% slower), or None where that is not known (not Linux, huge pages off,
         a file under 16 MiB or over half the available memory)."""
         return self._gguf.huge_page_share
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
@@ -246,7 +247,7 @@ def drop_cached_pages(fd: int) -> None:
 
 
 # Linux's madvise(MADV_POPULATE_READ) (5.14): fault a range in without touching it from Python
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if os.uname().sysname == "Linux" else None)
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
 _HUGE_PAGE = 2 << 20
 _MIN_HUGE_MAP = 8 * _HUGE_PAGE      # smaller files are not worth a check
 
@@ -278,8 +279,8 @@ def _map_in_huge_pages(fd: int, mm: mmap.mmap, size: int) -> tuple[mmap.mmap, fl
 
     A mapping asking for huge pages gets them only where the page cache holds the file in 2 MiB
     folios, and it keeps whatever folios earlier reads left: a file copied or read without that
-    hint sits there in 4 KiB pages, and decoding from such a mapping was 9-20% slower (SmolLM2
-    Q4_1 / Q8_0 on one core, runtime/BENCHMARKS.md, tenth session). So the mapping is faulted
+    hint sits there in 4 KiB pages, and one-core decoding from such a mapping was 5-23% (SmolLM2
+    Q4_1) and 12-14% (Q8_0) slower (runtime/BENCHMARKS.md, tenth session). So the mapping is faulted
     in now, and when huge pages map under 3/4 of it, the file's cached pages are dropped (a hint
     the kernel ignores for pages other processes map) and read again through a fresh mapping,
     first 4 MiB as a probe: a kernel or file system without huge file pages costs only that."""

@@ -1,5 +1,5 @@
 """The runtime maps a model through 2 MiB pages even when the page cache holds it in 4 KiB ones
-(gguf_file._map_in_huge_pages): decoding from 4 KiB pages was 9-20% slower."""
+(gguf_file._map_in_huge_pages): decoding from 4 KiB pages was 5-23% slower."""
 
 from __future__ import annotations
 
