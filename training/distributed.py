@@ -40,10 +40,7 @@ def init() -> torch.device:
 
 
 def shutdown() -> None:
-    """Leave the process group, all ranks together (a rank tearing down while another still
-    talks to it is what gloo handles worst)."""
     if active():
-        td.barrier()
         td.destroy_process_group()
 
 

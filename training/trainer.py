@@ -79,7 +79,12 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     """Run (or resume) the recipe; return the run folder."""
     device = dist.init()
     try:
-        return _train(recipe, resume, device)
+        run_dir = _train(recipe, resume, device)
+        # a finished run's ranks leave the group together (a rank tearing down while another
+        # still talks to it is what gloo handles worst); not on an error, where the others may
+        # never get here
+        dist.barrier()
+        return run_dir
     finally:
         dist.shutdown()
 
