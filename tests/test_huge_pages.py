@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,31 +16,8 @@ from prosparse.gguf_file import (_HUGE_PAGE, _MADV_POPULATE_READ, _huge_pages_en
 
 pytestmark = pytest.mark.skipif(_MADV_POPULATE_READ is None, reason="Linux only (madvise, /proc/self/smaps)")
 
-
-def _cache_in_small_pages(path) -> None:
-    """Drop the file's cached pages, then read it back without readahead: 4 KiB folios."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        size = os.fstat(fd).st_size
-        for off in range(0, size, 4096):
-            os.pread(fd, 4096, off)
-    finally:
-        os.close(fd)
-
-
-def _share_when_read_fresh(path) -> float:
-    """Share of the file's 2 MiB span that huge pages map when nothing has cached it before:
-    what this kernel and file system can do at best."""
-    with open(path, "rb") as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        advise_huge_pages(mm)
-        mm.madvise(_MADV_POPULATE_READ, 0, len(mm))
-        share = (_pmd_mapped_bytes(mm) or 0) / (len(mm) // _HUGE_PAGE * _HUGE_PAGE)
-        mm.close()
-    return share
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "native" / "bench"))
+from page_cache import cache_in_small_pages, mapped_share  # noqa: E402  (the benchmark's helpers)
 
 
 @pytest.fixture
@@ -50,13 +29,13 @@ def blob(tmp_path):
         os.fsync(f.fileno())
     if not _huge_pages_enabled():
         pytest.skip("transparent huge pages are off on this machine")
-    if _share_when_read_fresh(path) < 0.75:
+    if mapped_share(path, drop_first=True) < 0.75:   # the best this kernel can do
         pytest.skip("this kernel or file system maps no file through 2 MiB pages")
     return path
 
 
 def test_small_page_cache_is_read_again_in_huge_pages(blob):
-    _cache_in_small_pages(blob)
+    cache_in_small_pages(blob)
     with open(blob, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         advise_huge_pages(mm)
@@ -73,7 +52,7 @@ def test_small_page_cache_is_read_again_in_huge_pages(blob):
 
 
 def test_a_mapping_in_huge_pages_is_left_alone(blob):
-    _share_when_read_fresh(blob)   # cached in 2 MiB folios
+    mapped_share(blob, drop_first=True)   # cached in 2 MiB folios
     with open(blob, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         advise_huge_pages(mm)
@@ -86,9 +65,9 @@ def test_a_mapping_in_huge_pages_is_left_alone(blob):
 
 @pytest.mark.smollm2
 def test_runtime_maps_the_model_in_huge_pages(smollm2_path):
-    if not _huge_pages_enabled() or _share_when_read_fresh(smollm2_path) < 0.75:
+    if not _huge_pages_enabled() or mapped_share(smollm2_path, drop_first=True) < 0.75:
         pytest.skip("no 2 MiB pages for files on this machine")
-    _cache_in_small_pages(smollm2_path)
+    cache_in_small_pages(smollm2_path)
     with Runtime(smollm2_path, n_ctx=32, threads=1) as rt:
         assert rt._gguf.huge_page_share >= 0.75
         assert rt.generate("The capital of France is", max_tokens=4, temperature=0.0)
