@@ -271,8 +271,8 @@ def main() -> int:
         return 0
     if args.replay is not None:
         seeds = make_seeds(args.out)
-        data, hdr = seeds[args.replay % len(seeds)].read_bytes(), header_end(seeds[args.replay % len(seeds)])
-        bad, how = mutate(data, hdr, random.Random(args.replay))
+        src = seeds[args.replay % len(seeds)]   # as worker() picks it
+        bad, how = mutate(src.read_bytes(), header_end(src), random.Random(args.replay))
         path = args.out / f"replay-{args.replay}.gguf"
         path.write_bytes(bad)
         print(f"{path} ({how}): {run_case(path) or 'ok'}")
