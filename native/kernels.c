@@ -641,6 +641,14 @@ static void weighted_sum_scalar(const float *w, int64_t n, const void *rows, int
                                                   : ((const float *)rows)[t * ld + i]);
 }
 
+/* axpy_nonzero's definition: each y[i] one fma chain over the rows with a non-zero a, in order */
+static void axpy_nonzero_scalar(const float *a, int64_t n, const float *rows, int64_t ld, int64_t off, float *y,
+                                int64_t k) {
+    for (int64_t j = 0; j < n; j++)
+        if (a[j] != 0.0f)
+            for (int64_t i = 0; i < k; i++) y[i] = fmaf(a[j], rows[j * ld + off + i], y[i]);
+}
+
 /* n rounded down to whole blocks: the generic SIMD loops below treat any n % 32 as a tail of
  * plain elements, so a quantised row's partial block (a caller's bug) must be cut off, as the
  * scalar kernels ignore it, rather than read as floats. */
@@ -998,6 +1006,49 @@ TARGET_AVX2 static void weighted_sum_avx2(const float *w, int64_t n, const void 
                                           int v_type, float *out) {
     if (v_type == PS_TYPE_F16) weighted_sum_typed_avx2(w, n, rows, ld, k, PS_TYPE_F16, out);
     else                       weighted_sum_typed_avx2(w, n, rows, ld, k, PS_TYPE_F32, out);
+}
+
+/* the rows with a non-zero a as a bit mask (n <= 64), so that the kernel branches once per row
+ * it adds rather than once per row, mispredicted as often as which ones are is random */
+TARGET_AVX2 INLINE uint64_t nonzero_mask_avx2(const float *a, int64_t n) {
+    uint64_t mask = 0;
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        mask |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(a + j), _mm256_setzero_ps(),
+                                                                      _CMP_NEQ_UQ)) << j;
+    for (; j < n; j++) mask |= (uint64_t)(a[j] != 0.0f) << j;
+    return mask;
+}
+/* y held in registers 64 columns at a time while the rows stream past */
+TARGET_AVX2 static void axpy_nonzero_avx2(const float *a, int64_t n, const float *rows, int64_t ld, int64_t off,
+                                          float *y, int64_t k) {
+    if (n > 64) {
+        axpy_nonzero_avx2(a, 64, rows, ld, off, y, k);
+        axpy_nonzero_avx2(a + 64, n - 64, rows + 64 * ld, ld, off, y, k);
+        return;
+    }
+    const uint64_t nonzero = nonzero_mask_avx2(a, n);
+    int64_t i = 0;
+    for (; i + 64 <= k; i += 64) {
+        __m256 acc[8];
+        for (int q = 0; q < 8; q++) acc[q] = _mm256_loadu_ps(y + i + 8 * q);
+        for (uint64_t m = nonzero; m; m &= m - 1) {
+            const int j = __builtin_ctzll(m);
+            const __m256 s = _mm256_set1_ps(a[j]);
+            const float *r = rows + j * ld + off + i;
+            for (int q = 0; q < 8; q++) acc[q] = _mm256_fmadd_ps(s, _mm256_loadu_ps(r + 8 * q), acc[q]);
+        }
+        for (int q = 0; q < 8; q++) _mm256_storeu_ps(y + i + 8 * q, acc[q]);
+    }
+    for (; i + 8 <= k; i += 8) {
+        __m256 acc = _mm256_loadu_ps(y + i);
+        for (uint64_t m = nonzero; m; m &= m - 1) {
+            const int j = __builtin_ctzll(m);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(a[j]), _mm256_loadu_ps(rows + j * ld + off + i), acc);
+        }
+        _mm256_storeu_ps(y + i, acc);
+    }
+    if (i < k) axpy_nonzero_scalar(a, n, rows, ld, off + i, y + i, k - i);
 }
 
 /* 8-bit activations. The packs below saturate nothing: |q| <= 127. */
@@ -1660,6 +1711,56 @@ TARGET_AVX512 static void weighted_sum_avx512(const float *w, int64_t n, const v
     else                       weighted_sum_typed_avx512(w, n, rows, ld, k, PS_TYPE_F32, out);
 }
 
+/* y[0..r) (r <= 16 NV) in NV registers, the last one masked, while the rows whose bit is set in
+ * nonzero stream past */
+TARGET_AVX512 INLINE void axpy_nonzero_pass_avx512(const float *a, uint64_t nonzero, const float *rows, int64_t ld,
+                                                   float *y, int64_t r, const int NV) {
+    __mmask16 mk[8];
+    __m512 acc[8];
+    for (int q = 0; q < NV; q++) {
+        mk[q] = r - 16 * q >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (r - 16 * q)) - 1);
+        acc[q] = _mm512_maskz_loadu_ps(mk[q], y + 16 * q);
+    }
+    for (uint64_t m = nonzero; m; m &= m - 1) {
+        const int j = __builtin_ctzll(m);
+        const __m512 s = _mm512_set1_ps(a[j]);
+        const float *row = rows + j * ld;
+        for (int q = 0; q < NV; q++) acc[q] = _mm512_fmadd_ps(s, _mm512_maskz_loadu_ps(mk[q], row + 16 * q), acc[q]);
+    }
+    for (int q = 0; q < NV; q++) _mm512_mask_storeu_ps(y + 16 * q, mk[q], acc[q]);
+}
+/* y held in registers up to 128 columns at a time (eight chains of fmas in flight; a narrower
+ * remainder in as many registers as it needs) while the rows with a non-zero a stream past (a
+ * bit mask of them first: a branch per row added, not per row) */
+TARGET_AVX512 static void axpy_nonzero_avx512(const float *a, int64_t n, const float *rows, int64_t ld, int64_t off,
+                                              float *y, int64_t k) {
+    if (n > 64) {
+        axpy_nonzero_avx512(a, 64, rows, ld, off, y, k);
+        axpy_nonzero_avx512(a + 64, n - 64, rows + 64 * ld, ld, off, y, k);
+        return;
+    }
+    uint64_t nonzero = 0;
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+        nonzero |= (uint64_t)_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, a + j), _mm512_setzero_ps(),
+                                                     _CMP_NEQ_UQ) << j;
+    }
+    for (int64_t i = 0; i < k; i += 128) {
+        const int64_t r = k - i < 128 ? k - i : 128;
+        const float *rw = rows + off + i;
+        switch ((r + 15) / 16) {
+        case 8: axpy_nonzero_pass_avx512(a, nonzero, rw, ld, y + i, r, 8); break;
+        case 7: axpy_nonzero_pass_avx512(a, nonzero, rw, ld, y + i, r, 7); break;
+        case 6: axpy_nonzero_pass_avx512(a, nonzero, rw, ld, y + i, r, 6); break;
+        case 5: axpy_nonzero_pass_avx512(a, nonzero, rw, ld, y + i, r, 5); break;
+        case 4: axpy_nonzero_pass_avx512(a, nonzero, rw, ld, y + i, r, 4); break;
+        case 3: axpy_nonzero_pass_avx512(a, nonzero, rw, ld, y + i, r, 3); break;
+        case 2: axpy_nonzero_pass_avx512(a, nonzero, rw, ld, y + i, r, 2); break;
+        default: axpy_nonzero_pass_avx512(a, nonzero, rw, ld, y + i, r, 1); break;
+        }
+    }
+}
+
 /* 8-bit activations: two blocks per 512-bit vector */
 
 TARGET_AVX512 static void quantize_q8_avx512(const float *x, const ps_q8_vec *out, int64_t n) {
@@ -2257,6 +2358,39 @@ static void weighted_sum_neon(const float *w, int64_t n, const void *rows, int64
     else                       weighted_sum_typed_neon(w, n, rows, ld, k, PS_TYPE_F32, out);
 }
 
+/* y held in registers 64 columns at a time while the rows with a non-zero a stream past (a bit
+ * mask of them first: a branch per row added, not per row) */
+static void axpy_nonzero_neon(const float *a, int64_t n, const float *rows, int64_t ld, int64_t off, float *y,
+                              int64_t k) {
+    if (n > 64) {
+        axpy_nonzero_neon(a, 64, rows, ld, off, y, k);
+        axpy_nonzero_neon(a + 64, n - 64, rows + 64 * ld, ld, off, y, k);
+        return;
+    }
+    uint64_t nonzero = 0;
+    for (int64_t j = 0; j < n; j++) nonzero |= (uint64_t)(a[j] != 0.0f) << j;
+    int64_t i = 0;
+    for (; i + 64 <= k; i += 64) {
+        float32x4_t acc[16];
+        for (int q = 0; q < 16; q++) acc[q] = vld1q_f32(y + i + 4 * q);
+        for (uint64_t m = nonzero; m; m &= m - 1) {
+            const int j = __builtin_ctzll(m);
+            const float *r = rows + j * ld + off + i;
+            for (int q = 0; q < 16; q++) acc[q] = vfmaq_n_f32(acc[q], vld1q_f32(r + 4 * q), a[j]);
+        }
+        for (int q = 0; q < 16; q++) vst1q_f32(y + i + 4 * q, acc[q]);
+    }
+    for (; i + 4 <= k; i += 4) {
+        float32x4_t acc = vld1q_f32(y + i);
+        for (uint64_t m = nonzero; m; m &= m - 1) {
+            const int j = __builtin_ctzll(m);
+            acc = vfmaq_n_f32(acc, vld1q_f32(rows + j * ld + off + i), a[j]);
+        }
+        vst1q_f32(y + i, acc);
+    }
+    if (i < k) axpy_nonzero_scalar(a, n, rows, ld, off + i, y + i, k - i);
+}
+
 /* 8-bit activations */
 
 static void quantize_q8_neon(const float *x, const ps_q8_vec *out, int64_t n) {
@@ -2463,16 +2597,16 @@ static const q8_kernels *const isa_q8[PS_ISA_COUNT] = {
 };
 
 static const ps_f32_ops f32_ops_scalar = { exp_scalar, weighted_sum_scalar, keep_at_least_scalar, to_bf16_scalar,
-                                           scores_scalar, gemm16_scalar };
+                                           scores_scalar, gemm16_scalar, axpy_nonzero_scalar };
 #if defined(__x86_64__)
 static const ps_f32_ops f32_ops_avx2 = { exp_avx2, weighted_sum_avx2, keep_at_least_scalar, to_bf16_scalar, scores_avx2,
-                                         gemm16_avx2 };
+                                         gemm16_avx2, axpy_nonzero_avx2 };
 static const ps_f32_ops f32_ops_avx512 = { exp_avx512, weighted_sum_avx512, keep_at_least_avx512, to_bf16_avx512,
-                                           scores_avx512, gemm16_avx512 };
+                                           scores_avx512, gemm16_avx512, axpy_nonzero_avx512 };
 #endif
 #if defined(__aarch64__)
 static const ps_f32_ops f32_ops_neon = { exp_neon, weighted_sum_neon, keep_at_least_scalar, to_bf16_scalar, scores_neon,
-                                         gemm16_neon };
+                                         gemm16_neon, axpy_nonzero_neon };
 #endif
 
 /* NULL: not built (a VNNI / dotprod level has its base's) */

@@ -35,6 +35,9 @@
  * so a slice must never start where a tail would begin, or the same element would be rounded
  * differently for another thread count. */
 #define DOWN_UNIT 16
+/* Columns of a prompt's down projection added at a time (down_t_task): H_BLOCK rows of this
+ * many floats (32 KB) fit in L1 */
+#define DOWN_STRIP 128
 _Static_assert(DOWN_UNIT % 16 == 0, "a slice starts on every kernel's vector step");
 #define CACHE_LINE 64
 #define MIN_I64(a, b) ((a) < (b) ? (a) : (b))
@@ -808,7 +811,6 @@ static void down_t_task(void *ctx, int ith, int nth) {
     if (e0 >= e1) return;
     const int64_t len = e1 - e0;
     const ps_type_traits *tt = ps_type_traits_for(w->type, -1);
-    const ps_type_traits *f32 = ps_type_traits_for(PS_TYPE_F32, -1);   /* once, as in attention_task */
     const size_t row_bytes = ps_row_bytes(w->type, dim);
     const size_t offset = ps_row_bytes(w->type, e0), slice_bytes = ps_row_bytes(w->type, len);
     const char *base = (const char *)w->data + offset;   /* the slice of row 0 */
@@ -817,37 +819,32 @@ static void down_t_task(void *ctx, int ith, int nth) {
     if (job->batch > 1) {
         /* a prompt (every neuron: down_t_product takes a list with one token only), H_BLOCK
          * neurons at a time: the rows of those active for some token dequantised into the
-         * thread's tile, then each token adds its non-zero ones four at a time (axpy4: its out
-         * row loaded and stored once per four neurons, the same roundings as one axpy per
-         * neuron). A token's last one to three non-zero neurons of a block take an axpy each,
-         * so blocks of 64 rather than 16: with 16 and ~30% active, as many axpy as axpy4 calls. */
+         * thread's tile (row k for the block's neuron k), then a strip of DOWN_STRIP columns at
+         * a time, every token adds its non-zero neurons' part of the strip (axpy_nonzero: the
+         * token's strip of out in registers, one fma chain per element in neuron order, the bits
+         * of an axpy per neuron). The tile's strip, 64 rows of 512 bytes, stays in L1 from one
+         * token to the next. Whole rows at a time (axpy4 over the 576 columns, four non-zero
+         * neurons per call) read each token's rows from L2: SmolLM2 at ~70% sparsity, pp128,
+         * this is 1.23x as fast on one thread and 1.4x on two (runtime/BENCHMARKS.md, eleventh
+         * session), with the same bits. */
+        const ps_f32_ops *ops = ps_f32_ops_for(-1);
         float *tile = m->down_tile + (int64_t)ith * H_BLOCK * m->c.n_embd;
         for (int64_t j0 = 0; j0 < job->n_neurons; j0 += H_BLOCK) {
             const int nj = (int)MIN_I64(H_BLOCK, job->n_neurons - j0);
-            int active[H_BLOCK] = { 0 }, slot[H_BLOCK], n_used = 0;
+            int active[H_BLOCK] = { 0 };
             for (int b = 0; b < job->batch; b++)
                 for (int k = 0; k < nj; k++) active[k] |= job->h[(int64_t)b * ff + j0 + k] != 0.0f;
-            for (int k = 0; k < nj; k++) {
-                slot[k] = n_used;   /* an inactive neuron's h is 0 for every token: never read */
-                if (active[k]) tt->to_float(base + (size_t)(j0 + k) * row_bytes, tile + (int64_t)n_used++ * len, len);
-            }
-            for (int b = 0; b < job->batch; b++) {
-                const float *hb = job->h + (int64_t)b * ff + j0;
-                float *y = acc + (int64_t)b * dim;
-                float a[4];
-                const void *rows[4];
-                int n = 0;
-                for (int k = 0; k < nj; k++) {
-                    /* appended without a branch, kept when non-zero: which ones are is data */
-                    a[n] = hb[k];
-                    rows[n] = tile + (int64_t)slot[k] * len;
-                    n += a[n] != 0.0f;
-                    if (n == 4) {
-                        f32->axpy4(a, rows, y, len);
-                        n = 0;
-                    }
-                }
-                for (int r = 0; r < n; r++) f32->axpy(a[r], rows[r], y, len);
+            /* an inactive neuron's h is 0 for every token: its row is never read */
+            for (int k = 0; k < nj; k++)
+                if (active[k]) tt->to_float(base + (size_t)(j0 + k) * row_bytes, tile + (int64_t)k * len, len);
+            /* strips as equal as whole 16-float units make them (two threads' 288 columns: three
+             * of 96, not 128 + 128 + 32) */
+            const int64_t units = (len + 15) / 16, n_strips = (units + DOWN_STRIP / 16 - 1) / (DOWN_STRIP / 16);
+            for (int64_t s = 0, s0 = 0; s < n_strips; s++) {
+                const int64_t w = MIN_I64(16 * (units / n_strips + (s < units % n_strips)), len - s0);
+                for (int b = 0; b < job->batch; b++)
+                    ops->axpy_nonzero(job->h + (int64_t)b * ff + j0, nj, tile, len, s0, acc + (int64_t)b * dim + s0, w);
+                s0 += w;
             }
         }
         return;

@@ -6,7 +6,8 @@
  *   axpy4 the same bits as four of the table's axpys (rows of one row's blocks, rotated);
  *   quantize_q8 byte for byte; dot_q8 within 1e-5 of the block-wise magnitude; exp bit for bit;
  *   weighted_sum (F32 and F16 rows) within 1e-5 of sum |w r|; scores within 1e-5 of sum |q k|;
- *   to_bf16 bit for bit; gemm16 bit for bit; the batch packing for gemm_q8 byte for byte, gemm_q8 bit for bit.
+ *   to_bf16 bit for bit; gemm16 bit for bit; axpy_nonzero bit for bit; the batch packing for gemm_q8 byte
+ *   for byte, gemm_q8 bit for bit.
  * Prints one line per ISA ("<isa> ok <checks>" or the first failure) and "available: ..."; the
  * exit status is the number of failing ISAs. */
 #include "kernels.h"
@@ -244,6 +245,25 @@ static int check_isa(int isa) {
         ops->gemm16(x, a_rs, a_ks, m, tmp, 16, k, y, 16);
         ops_ref->gemm16(x, a_rs, a_ks, m, tmp, 16, k, y_ref, 16);
         if (memcmp(y, y_ref, sizeof(float) * (size_t)(m * 16)) != 0) failed = fail(name, "gemm16", 0, k, y[0], y_ref[0]);
+        checks += 1;
+    }
+    /* axpy_nonzero bit for bit: more rows than its 64-row mask, and 140 columns (a register pass
+     * of 128, then a narrower one); the rows whose a is zero hold NaN, which must not be read */
+    for (int form = 0; form < 2 && !failed; form++) {
+        const int64_t n = form ? 10 : 70, ld = form ? 150 : 21, k = form ? 140 : 19, off = form ? 3 : 2;
+        random_floats(x, n);
+        random_floats(w2, n * ld);
+        for (int64_t j = 0; j < n; j++)
+            if (next_u32() % 3 == 0) {
+                x[j] = 0.0f;
+                for (int64_t i = 0; i < ld; i++) w2[j * ld + i] = NAN;
+            }
+        random_floats(y, k);
+        memcpy(y_ref, y, sizeof(float) * (size_t)k);
+        ops->axpy_nonzero(x, n, w2, ld, off, y, k);
+        ops_ref->axpy_nonzero(x, n, w2, ld, off, y_ref, k);
+        if (memcmp(y, y_ref, sizeof(float) * (size_t)k) != 0 || y_ref[0] != y_ref[0])
+            failed = fail(name, "axpy_nonzero", 0, k, y[0], y_ref[0]);
         checks += 1;
     }
     uint16_t *b16 = (uint16_t *)w, *b16_ref = (uint16_t *)w + max_n;   /* w holds 2 max_n halves */

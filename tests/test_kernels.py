@@ -1070,6 +1070,43 @@ def test_gemm16_matches_numpy_and_gives_the_scalar_bits(isa_name, m, k, heap):
 
 
 @pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("n,k", [(1, 16), (64, 576), (70, 288), (19, 96), (5, 7), (64, 1), (0, 32), (130, 140)])
+def test_axpy_nonzero_adds_the_nonzero_rows_and_gives_the_scalar_bits(isa_name, n, k, heap):
+    """A prompt's down projection from ffn_down_t: y plus the rows whose a is non-zero, a strip
+    of columns from `off` on. numpy within float rounding; the scalar kernel's bits (one fma
+    chain per element, in row order); a row whose a is zero (or -0) never read (it holds NaN
+    here); a NaN a added like any other; nothing written past k."""
+    ops, ref = lib.ps_f32_ops_for(require_isa(isa_name)), lib.ps_f32_ops_for(lib.PS_ISA_SCALAR)
+    rng = np.random.default_rng(n * 1000 + k)
+    off, ld = 3, k + 5
+    a = random_floats(rng, max(n, 1))[:n]
+    skipped = rng.random(n) < 0.6
+    a[skipped] = 0.0
+    a[skipped & (rng.random(n) < 0.5)] = -0.0
+    rows = random_floats(rng, max(n, 1) * ld)[:n * ld].reshape(n, ld)
+    rows[skipped] = np.nan
+    y0 = random_floats(rng, k + 1)
+    y0[k] = np.nan
+
+    def run(table, a):
+        y = heap.put(y0.copy(), "float *")
+        table.axpy_nonzero(heap.put(a.astype(np.float32), "float *"), n,
+                           heap.put(np.ascontiguousarray(rows, dtype=np.float32), "float *"), ld, off, y, k)
+        return read(y, np.float32, k + 1)
+
+    got = run(ops, a)
+    assert np.isnan(got[k])                                       # nothing written past k
+    used = rows[~skipped][:, off:off + k].astype(np.float64)
+    want = y0[:k].astype(np.float64) + a[~skipped].astype(np.float64) @ used
+    assert np.all(np.abs(got[:k] - want) <= 1e-5 * (np.abs(y0[:k]) + np.abs(a[~skipped]) @ np.abs(used)) + 1e-30)
+    np.testing.assert_array_equal(got.view(np.uint32), run(ref, a).view(np.uint32))
+    if n and (~skipped).any():
+        a_nan = a.copy()
+        a_nan[np.flatnonzero(~skipped)[0]] = np.nan
+        assert np.all(np.isnan(run(ops, a_nan)[:k]))
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
 def test_a_positions_score_does_not_depend_on_how_many_there_are(isa_name, heap):
     """Decoding scores one more position each step, a prompt all of them at once: a position's
     score takes the same steps either way (AVX-512 sums 16 positions together)."""

@@ -95,6 +95,28 @@ def test_every_thread_count_gives_the_same_bits(tmp_path, outtype):
             np.testing.assert_array_equal(got, want)
 
 
+def test_sparse_layout_prompt_in_column_strips(tmp_path):
+    """A prompt on a sparse-layout file adds each token's non-zero down vectors a strip of up to
+    128 columns at a time (320 columns: strips of 112, 112 and 96 on one thread; two threads'
+    slices of 160: two strips of 80 each; three threads' 112 / 112 / 96: one each). The logits
+    match transformers, the same bits for every thread count, and the dense-layout file's
+    prompt (ffn_down through the GEMM) within float rounding."""
+    model = tiny_llama(K.ACT_RELU, seed=21, n_embd=320, n_ff=448, n_head=5, n_head_kv=5)
+    sparse = write_llama_gguf(tmp_path / "sparse.gguf", model.config.to_dict(), model.state_dict(), outtype="f32",
+                              activation=K.ACT_RELU, layout="sparse")
+    dense = to_gguf(model, tmp_path / "dense.gguf", "f32", K.ACT_RELU)
+    ref = hf_logits(model, PROMPT)
+    results = []
+    for threads in (1, 2, 3):
+        with Runtime(sparse, n_ctx=64, threads=threads, activations="f32") as rt:
+            results.append(rt.evaluate(PROMPT))
+    assert rel_err(results[0], ref) < 1e-4
+    for later in results[1:]:
+        np.testing.assert_array_equal(later, results[0])
+    with Runtime(dense, n_ctx=64, threads=2, sparse="dense", activations="f32") as rt:
+        assert rel_err(results[0], rt.evaluate(PROMPT)) < 1e-5
+
+
 def test_best_mode_follows_the_file(tmp_path):
     relu = to_gguf(tiny_llama(K.ACT_RELU), tmp_path / "relu.gguf", "f32", K.ACT_RELU)
     silu = to_gguf(tiny_llama(K.ACT_SILU), tmp_path / "silu.gguf")
