@@ -1040,6 +1040,17 @@ TARGET_AVX2 static void axpy_nonzero_avx2(const float *a, int64_t n, const float
         }
         for (int q = 0; q < 8; q++) _mm256_storeu_ps(y + i + 8 * q, acc[q]);
     }
+    for (; i + 32 <= k; i += 32) {   /* four chains in flight, not one */
+        __m256 acc[4];
+        for (int q = 0; q < 4; q++) acc[q] = _mm256_loadu_ps(y + i + 8 * q);
+        for (uint64_t m = nonzero; m; m &= m - 1) {
+            const int j = __builtin_ctzll(m);
+            const __m256 s = _mm256_set1_ps(a[j]);
+            const float *r = rows + j * ld + off + i;
+            for (int q = 0; q < 4; q++) acc[q] = _mm256_fmadd_ps(s, _mm256_loadu_ps(r + 8 * q), acc[q]);
+        }
+        for (int q = 0; q < 4; q++) _mm256_storeu_ps(y + i + 8 * q, acc[q]);
+    }
     for (; i + 8 <= k; i += 8) {
         __m256 acc = _mm256_loadu_ps(y + i);
         for (uint64_t m = nonzero; m; m &= m - 1) {
@@ -1712,11 +1723,11 @@ TARGET_AVX512 static void weighted_sum_avx512(const float *w, int64_t n, const v
 }
 
 /* y[0..r) (r <= 16 NV) in NV registers, the last one masked, while the rows whose bit is set in
- * nonzero stream past */
+ * nonzero stream past (NV <= 9) */
 TARGET_AVX512 INLINE void axpy_nonzero_pass_avx512(const float *a, uint64_t nonzero, const float *rows, int64_t ld,
                                                    float *y, int64_t r, const int NV) {
-    __mmask16 mk[8];
-    __m512 acc[8];
+    __mmask16 mk[9];
+    __m512 acc[9];
     for (int q = 0; q < NV; q++) {
         mk[q] = r - 16 * q >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (r - 16 * q)) - 1);
         acc[q] = _mm512_maskz_loadu_ps(mk[q], y + 16 * q);
@@ -1729,9 +1740,10 @@ TARGET_AVX512 INLINE void axpy_nonzero_pass_avx512(const float *a, uint64_t nonz
     }
     for (int q = 0; q < NV; q++) _mm512_mask_storeu_ps(y + 16 * q, mk[q], acc[q]);
 }
-/* y held in registers up to 128 columns at a time (eight chains of fmas in flight; a narrower
+/* y held in registers up to 144 columns at a time (nine chains of fmas in flight; a narrower
  * remainder in as many registers as it needs) while the rows with a non-zero a stream past (a
- * bit mask of them first: a branch per row added, not per row) */
+ * bit mask of them first: a branch per row added, not per row). Nine rather than eight: a
+ * prompt's down projection on two threads (288 columns each) 4-5% faster. */
 TARGET_AVX512 static void axpy_nonzero_avx512(const float *a, int64_t n, const float *rows, int64_t ld, int64_t off,
                                               float *y, int64_t k) {
     if (n > 64) {
@@ -1745,10 +1757,11 @@ TARGET_AVX512 static void axpy_nonzero_avx512(const float *a, int64_t n, const f
         nonzero |= (uint64_t)_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, a + j), _mm512_setzero_ps(),
                                                      _CMP_NEQ_UQ) << j;
     }
-    for (int64_t i = 0; i < k; i += 128) {
-        const int64_t r = k - i < 128 ? k - i : 128;
+    for (int64_t i = 0; i < k; i += 144) {
+        const int64_t r = k - i < 144 ? k - i : 144;
         const float *rw = rows + off + i;
         switch ((r + 15) / 16) {
+        case 9: axpy_nonzero_pass_avx512(a, nonzero, rw, ld, y + i, r, 9); break;
         case 8: axpy_nonzero_pass_avx512(a, nonzero, rw, ld, y + i, r, 8); break;
         case 7: axpy_nonzero_pass_avx512(a, nonzero, rw, ld, y + i, r, 7); break;
         case 6: axpy_nonzero_pass_avx512(a, nonzero, rw, ld, y + i, r, 6); break;
@@ -2379,6 +2392,16 @@ static void axpy_nonzero_neon(const float *a, int64_t n, const float *rows, int6
             for (int q = 0; q < 16; q++) acc[q] = vfmaq_n_f32(acc[q], vld1q_f32(r + 4 * q), a[j]);
         }
         for (int q = 0; q < 16; q++) vst1q_f32(y + i + 4 * q, acc[q]);
+    }
+    for (; i + 16 <= k; i += 16) {   /* four chains in flight, not one */
+        float32x4_t acc[4];
+        for (int q = 0; q < 4; q++) acc[q] = vld1q_f32(y + i + 4 * q);
+        for (uint64_t m = nonzero; m; m &= m - 1) {
+            const int j = __builtin_ctzll(m);
+            const float *r = rows + j * ld + off + i;
+            for (int q = 0; q < 4; q++) acc[q] = vfmaq_n_f32(acc[q], vld1q_f32(r + 4 * q), a[j]);
+        }
+        for (int q = 0; q < 4; q++) vst1q_f32(y + i + 4 * q, acc[q]);
     }
     for (; i + 4 <= k; i += 4) {
         float32x4_t acc = vld1q_f32(y + i);

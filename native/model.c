@@ -36,8 +36,8 @@
  * differently for another thread count. */
 #define DOWN_UNIT 16
 /* Columns of a prompt's down projection added at a time (down_t_task): H_BLOCK rows of this
- * many floats (32 KB) fit in L1 */
-#define DOWN_STRIP 128
+ * many floats (36 KB) fit in L1; AVX-512 holds a token's 144 in nine registers */
+#define DOWN_STRIP 144
 _Static_assert(DOWN_UNIT % 16 == 0, "a slice starts on every kernel's vector step");
 #define CACHE_LINE 64
 #define MIN_I64(a, b) ((a) < (b) ? (a) : (b))
@@ -822,7 +822,7 @@ static void down_t_task(void *ctx, int ith, int nth) {
          * thread's tile (row k for the block's neuron k), then a strip of DOWN_STRIP columns at
          * a time, every token adds its non-zero neurons' part of the strip (axpy_nonzero: the
          * token's strip of out in registers, one fma chain per element in neuron order, the bits
-         * of an axpy per neuron). The tile's strip, 64 rows of 512 bytes, stays in L1 from one
+         * of an axpy per neuron). The tile's strip, 64 rows of 576 bytes, stays in L1 from one
          * token to the next. Whole rows at a time (axpy4 over the 576 columns, four non-zero
          * neurons per call) read each token's rows from L2: SmolLM2 at ~70% sparsity, pp128,
          * this is 1.23x as fast on one thread and 1.4x on two (runtime/BENCHMARKS.md, eleventh
@@ -837,8 +837,8 @@ static void down_t_task(void *ctx, int ith, int nth) {
             /* an inactive neuron's h is 0 for every token: its row is never read */
             for (int k = 0; k < nj; k++)
                 if (active[k]) tt->to_float(base + (size_t)(j0 + k) * row_bytes, tile + (int64_t)k * len, len);
-            /* strips as equal as whole 16-float units make them (two threads' 288 columns: three
-             * of 96, not 128 + 128 + 32) */
+            /* strips as equal as whole 16-float units make them (576 columns: four of 144; 320:
+             * 112, 112, 96, not 144 + 144 + 32) */
             const int64_t units = (len + 15) / 16, n_strips = (units + DOWN_STRIP / 16 - 1) / (DOWN_STRIP / 16);
             for (int64_t s = 0, s0 = 0; s < n_strips; s++) {
                 const int64_t w = MIN_I64(16 * (units / n_strips + (s < units % n_strips)), len - s0);

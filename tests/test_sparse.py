@@ -97,8 +97,8 @@ def test_every_thread_count_gives_the_same_bits(tmp_path, outtype):
 
 def test_sparse_layout_prompt_in_column_strips(tmp_path):
     """A prompt on a sparse-layout file adds each token's non-zero down vectors a strip of up to
-    128 columns at a time (320 columns: strips of 112, 112 and 96 on one thread; two threads'
-    slices of 160: two strips of 80 each; three threads' 112 / 112 / 96: one each). The logits
+    144 columns at a time (320 columns: strips of 112, 112 and 96 on one thread; two threads'
+    slices of 160: two strips of 80 each; three threads' 96 / 112 / 112: one each). The logits
     match transformers, the same bits for every thread count, and the dense-layout file's
     prompt (ffn_down through the GEMM) within float rounding."""
     model = tiny_llama(K.ACT_RELU, seed=21, n_embd=320, n_ff=448, n_head=5, n_head_kv=5)
