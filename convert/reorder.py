@@ -13,10 +13,14 @@ How: the model itself (prosparse's runtime, no torch) evaluates the calibration 
 windows of --window tokens and counts, per layer and neuron, the tokens in which the neuron's
 activated gate was non-zero. Each layer's neurons are then sorted by that count, descending
 (ties keep their order), and the file is copied with the rows of ffn_gate, ffn_up, ffn_down_t
-and the predictor's fc2 permuted, and the columns of a float ffn_down. Everything else is
-copied byte for byte; the metadata gains prosparse.neuron_order ("activation_frequency") and
+and the predictor's fc2 permuted, and the columns of a float ffn_down. A quantised ffn_down (the
+dense layout, llama.cpp's) cannot have its columns permuted exactly, since each quantisation
+block spans 32 neurons: it is written as ffn_down_t instead, transposed and re-quantised along
+the neurons, as the runtime would transpose it at every load for a sparse mode (one more
+rounding of the down projection; the output needs no copy at load). Everything else is copied
+byte for byte; the metadata gains prosparse.neuron_order ("activation_frequency") and
 prosparse.neuron_order_tokens (the calibration tokens). Logits change only by float rounding
-(sums over neurons run in another order).
+(sums over neurons run in another order), and by that re-quantisation where it applies.
 
 Calibrate on text like what the model will see; the order generalises (measured on text
 other than the benchmark's). Bad inputs print one line and exit 1; no output is left behind.
@@ -37,7 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from prosparse import constants as K
-from prosparse.gguf_file import GGMLQuantizationType, GGUFError, GGUFFile, GGUFValueType, drop_cached_pages
+from prosparse.gguf_file import (GGML_QUANT_SIZES, GGMLQuantizationType, GGUFError, GGUFFile, GGUFValueType,
+                                 drop_cached_pages)
 
 from .errors import ConversionError
 from .gguf_writer import _umask, check_output
@@ -66,6 +71,7 @@ class ReorderResult:
     sparsity: float                   # over the calibration text
     moved: list[float]                # per layer: share of neurons that changed place
     top_share: list[float]            # per layer: share of activations in the hottest 10% of neurons
+    transposed: int = 0               # quantised ffn_down tensors written as ffn_down_t
 
 
 def neuron_order(counts: np.ndarray) -> np.ndarray:
@@ -110,8 +116,9 @@ def count_activations(path: str | os.PathLike, calibration: str | Sequence[int],
 
 
 def plan_permutations(gf: GGUFFile, order: np.ndarray) -> dict[str, tuple[str, np.ndarray]]:
-    """name -> ("rows" | "columns", permutation) for every tensor that holds neurons; raises for
-    a tensor that holds them in a way this cannot permute exactly."""
+    """name -> ("rows" | "columns" | "transpose", permutation) for every tensor that holds
+    neurons ("transpose": a quantised ffn_down, written as ffn_down_t with its rows permuted);
+    raises for a tensor that holds them in a way this cannot permute."""
     n_layer, n_ff = order.shape
     plan = {}
     for name, t in gf.tensors.items():
@@ -125,15 +132,21 @@ def plan_permutations(gf: GGUFFile, order: np.ndarray) -> dict[str, tuple[str, n
                                       f"({n_ff})")
             plan[name] = ("rows", order[layer])
         elif kind in COLUMN_PERMUTED and m.group(3) == "weight":
-            if t.type not in FLOAT_TYPES:
-                raise ConversionError(
-                    f"{gf.path}: tensor {name!r} is {t.type.name} with one column per neuron, whose "
-                    f"quantisation blocks span several neurons, so its columns cannot be reordered "
-                    f"exactly; convert the model with --layout sparse (ffn_down_t) first")
             if t.ne0 != n_ff:
                 raise ConversionError(f"{gf.path}: tensor {name!r} has rows of {t.ne0}, expected one "
                                       f"column per neuron ({n_ff})")
-            plan[name] = ("columns", order[layer])
+            if t.type in FLOAT_TYPES:
+                plan[name] = ("columns", order[layer])
+                continue
+            if K.block_tensor(layer, K.FFN_DOWN_T) in gf.tensors:
+                raise ConversionError(f"{gf.path}: layer {layer} has both {name!r} and "
+                                      f"{K.block_tensor(layer, K.FFN_DOWN_T)!r}; refusing")
+            block = GGML_QUANT_SIZES[t.type][0]
+            if len(t.shape) != 2 or t.shape[1] % block:
+                raise ConversionError(f"{gf.path}: tensor {name!r} is {t.type.name} with rows of {t.shape[1:]} "
+                                      f"outputs, which do not fill whole blocks of {block} once transposed "
+                                      f"to one row per neuron, so it can be neither reordered nor transposed")
+            plan[name] = ("transpose", order[layer])
         elif n_ff in t.shape and kind not in NOT_NEURONS:
             raise ConversionError(f"{gf.path}: tensor {name!r} (shape {list(t.shape)}) is not one prosparse "
                                   f"knows how to reorder, and it may hold one entry per neuron; refusing")
@@ -142,6 +155,9 @@ def plan_permutations(gf: GGUFFile, order: np.ndarray) -> dict[str, tuple[str, n
 
 def permuted(gf: GGUFFile, name: str, how: str, perm: np.ndarray) -> np.ndarray:
     t = gf.tensors[name]
+    if how == "transpose":
+        from prosparse.loader import transpose_down
+        return transpose_down(gf, t).reshape(t.ne0, -1)[perm]
     data = gf.tensor_data(name)
     if how == "rows":
         return data.reshape(t.n_rows, -1)[perm]
@@ -158,15 +174,29 @@ def _kv_bytes(key: str, value) -> bytes:
     return out + struct.pack("<IQ", GGUFValueType.UINT64, int(value))
 
 
-def header_with(gf: GGUFFile, new_kv: dict) -> bytes:
+def _tensor_info_bytes(name: str, shape: Sequence[int], type_: int, rel_offset: int) -> bytes:
+    n = name.encode()
+    return (struct.pack("<Q", len(n)) + n + struct.pack("<I", len(shape)) + struct.pack(f"<{len(shape)}Q", *shape)
+            + struct.pack("<IQ", int(type_), rel_offset))
+
+
+def header_with(gf: GGUFFile, new_kv: dict, transposed: Sequence[str] = ()) -> bytes:
     """gf's header (magic, version, counts, metadata, tensor descriptions) with new_kv's keys
-    set (replaced where present, else appended), padded to the file's alignment. Tensor data
-    offsets are relative to the data section, so they stay valid."""
+    set (replaced where present, else appended), padded to the file's alignment; the tensors
+    named in `transposed` (ffn_down) described as ffn_down_t, their shape swapped (the same
+    bytes: a transposed quantised matrix has as many blocks). Tensor data offsets are relative
+    to the data section, so they stay valid."""
     buf = gf.buffer
     kept = [buf[a:b] for key, (a, b) in gf.kv_spans.items() if key not in new_kv]
     kvs = b"".join(kept) + b"".join(_kv_bytes(k, v) for k, v in new_kv.items())
     n_kv = len(kept) + len(new_kv)
     infos = buf[gf.tensor_infos_span[0]:gf.tensor_infos_span[1]]
+    if transposed:
+        down, down_t = f".{K.FFN_DOWN}.", f".{K.FFN_DOWN_T}."
+        infos = b"".join(
+            _tensor_info_bytes(t.name.replace(down, down_t) if t.name in transposed else t.name,
+                               t.shape[::-1] if t.name in transposed else t.shape, t.type, t.offset - gf.data_start)
+            for t in gf.tensors.values())
     head = bytes(buf[0:8]) + struct.pack("<QQ", len(gf.tensors), n_kv) + kvs + infos
     return head + b"\0" * (-len(head) % gf.alignment)
 
@@ -174,7 +204,8 @@ def header_with(gf: GGUFFile, new_kv: dict) -> bytes:
 def write_reordered(gf: GGUFFile, out: Path, order: np.ndarray, n_tokens: int, force: bool) -> int:
     plan = plan_permutations(gf, order)
     check_output(out, force)
-    header = header_with(gf, {KEY_NEURON_ORDER: NEURON_ORDER_FREQUENCY, KEY_NEURON_ORDER_TOKENS: n_tokens})
+    header = header_with(gf, {KEY_NEURON_ORDER: NEURON_ORDER_FREQUENCY, KEY_NEURON_ORDER_TOKENS: n_tokens},
+                         [name for name, (how, _) in plan.items() if how == "transpose"])
     tensors = sorted(gf.tensors.values(), key=lambda t: t.offset)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
@@ -186,7 +217,11 @@ def write_reordered(gf: GGUFFile, out: Path, order: np.ndarray, n_tokens: int, f
                     raise ConversionError(f"{gf.path}: tensor {t.name!r} overlaps the tensor before it")
                 f.write(buf[pos:t.offset])                       # alignment padding
                 if t.name in plan:
-                    f.write(np.ascontiguousarray(permuted(gf, t.name, *plan[t.name])).data)
+                    data = np.ascontiguousarray(permuted(gf, t.name, *plan[t.name]))
+                    if data.nbytes != t.n_bytes:   # the offsets after it would be wrong
+                        raise ConversionError(f"{gf.path}: tensor {t.name!r} came out {data.nbytes} bytes long "
+                                              f"instead of {t.n_bytes}")
+                    f.write(data.data)
                 else:
                     for a in range(t.offset, t.offset + t.n_bytes, COPY_CHUNK):
                         f.write(buf[a:min(a + COPY_CHUNK, t.offset + t.n_bytes)])
@@ -229,10 +264,11 @@ def reorder_model(src: str | os.PathLike, out: str | os.PathLike, calibration: s
                                                        progress and sys.stderr.isatty())
         order = neuron_order(counts)
         n_bytes = write_reordered(gf, out, order, n_tokens, force)
+        transposed = sum(how == "transpose" for how, _ in plan_permutations(gf, order).values())
     n_ff = counts.shape[1]
     moved = [float(np.mean(o != np.arange(n_ff))) for o in order]
     top = [float(np.sort(c)[::-1][:max(1, n_ff // 10)].sum() / max(1, c.sum())) for c in counts]
-    return ReorderResult(out, n_tokens, n_bytes, sparsity, moved, top)
+    return ReorderResult(out, n_tokens, n_bytes, sparsity, moved, top, transposed)
 
 
 def default_output(src: Path) -> Path:
@@ -277,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * r.sparsity:.1f}% sparse; the hottest 10% of neurons carry "
               f"{100 * min(r.top_share):.0f}-{100 * max(r.top_share):.0f}% of the activations (per layer)",
               file=sys.stderr)
+        if r.transposed:
+            print(f"{PROG}: the {r.transposed} quantised ffn_down tensors were written as ffn_down_t (one row "
+                  f"per neuron), re-quantised along the neurons as sparse modes would do at every load",
+                  file=sys.stderr)
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import constants as K
-from .gguf_file import GGUFError, GGUFFile
+from .gguf_file import GGML_QUANT_SIZES, GGUFError, GGUFFile
 from .loader import SPARSE_MODES, ModelSpec, read_spec
 from .model_cache import ModelDownloadError
 from .native import ACTIVATIONS, KV_TYPES, LayerStats, NativeError, NativeModel, check_name
@@ -165,6 +165,12 @@ class Runtime:
             mode = sparse or self.spec.best_sparse_mode
             if mode not in SPARSE_MODES:
                 raise ValueError(f"unknown sparse mode {mode!r}; choose one of {', '.join(SPARSE_MODES)}")
+            bad_down = self.spec.untransposable_down() if mode != "dense" else None
+            if bad_down is not None:
+                raise ValueError(f"{self.path}: {mode} mode reads the down projection one row per neuron, but "
+                                 f"tensor {bad_down.name!r} ({bad_down.type.name}, {bad_down.shape[1]} outputs) "
+                                 f"cannot be transposed into such rows: its outputs do not fill whole blocks of "
+                                 f"{GGML_QUANT_SIZES[bad_down.type][0]}; use dense mode")
             self._model = NativeModel(self._gguf, self.spec, n_ctx, self.threads,
                                       transpose_down_for_sparse=mode != "dense" and not self.spec.has_down_t)
             self._model.sparse_mode = mode

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import constants as K
-from .gguf_file import GGMLQuantizationType, GGUFError, GGUFFile, TensorInfo
+from .gguf_file import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFError, GGUFFile, TensorInfo
 
 # Tensor types the kernels implement (ggml ids).
 SUPPORTED_TYPES = (
@@ -58,10 +58,22 @@ class ModelSpec:
 
     @property
     def best_sparse_mode(self) -> str:
-        """predictor when the file has predictors, exact for ReLU/FATReLU, else dense."""
-        if self.activation == K.ACT_SILU:
+        """predictor when the file has predictors, exact for ReLU/FATReLU, else dense; dense too
+        where a sparse mode would need ffn_down transposed and it cannot be (untransposable)."""
+        if self.activation == K.ACT_SILU or self.untransposable_down() is not None:
             return "dense"
         return "predictor" if self.has_predictor else "exact"
+
+    def untransposable_down(self) -> TensorInfo | None:
+        """The first plain ffn_down that a sparse mode could not transpose into one row per
+        neuron (quantised, with outputs that do not fill whole blocks), or None."""
+        for layer in self.layers:
+            t = layer["ffn_down"]
+            if layer["ffn_down_t"] is None and t is not None and len(t.shape) == 2:
+                block = GGML_QUANT_SIZES[t.type][0]
+                if block > 1 and t.shape[1] % block:
+                    return t
+        return None
 
     @property
     def activation(self) -> str:

@@ -115,6 +115,31 @@ def test_float_ffn_down_columns_are_permuted(tmp_path):
         assert K.block_tensor(0, K.FFN_DOWN) in g.tensors and K.block_tensor(0, K.FFN_DOWN_T) not in g.tensors
 
 
+@pytest.mark.parametrize("outtype", ["q8_0", "q4_1"])
+def test_quantised_ffn_down_is_written_transposed(tmp_path, outtype):
+    """A quantised plain ffn_down (the dense layout) cannot have its columns permuted, so it is
+    written as ffn_down_t, transposed and re-quantised along the neurons, as exact mode does at
+    load: the output in exact mode gives the input's exact-mode logits (float rounding apart,
+    the sums over neurons now run hottest first), and needs no transposition at load."""
+    model = tiny_llama(K.ACT_RELU, seed=27)
+    src = write(model, tmp_path / "m.gguf", outtype, layout="dense")
+    result = reorder.reorder_model(src, tmp_path / "hot.gguf", CALIBRATION, window=64)
+    assert result.transposed == model.config.num_hidden_layers
+    with GGUFFile(src) as a, GGUFFile(result.path) as b:
+        for i in range(model.config.num_hidden_layers):
+            down, down_t = K.block_tensor(i, K.FFN_DOWN), K.block_tensor(i, K.FFN_DOWN_T)
+            assert down not in b.tensors and b.tensors[down_t].shape == a.tensors[down].shape[::-1]
+            assert b.tensors[down_t].type == a.tensors[down].type
+            order = np.argsort(-counts_of(src)[i], kind="stable")
+            np.testing.assert_array_equal(rows(b, K.block_tensor(i, K.FFN_GATE)),
+                                          rows(a, K.block_tensor(i, K.FFN_GATE))[order])
+    with Runtime(src, n_ctx=64, threads=2, sparse="exact", activations="f32") as a, \
+            Runtime(result.path, n_ctx=64, threads=2, sparse="exact", activations="f32") as b:
+        assert b.spec.has_down_t
+        assert rel_err(decode_logits(b, PROMPT), decode_logits(a, PROMPT)) <= 1e-5
+        assert rel_err(b.evaluate(PROMPT), a.evaluate(PROMPT)) <= 1e-5
+
+
 def test_predictor_rows_follow_their_neurons(tmp_path):
     model = tiny_llama(K.ACT_RELU, seed=24)
     base = write(model, tmp_path / "m.gguf")
@@ -131,9 +156,10 @@ def test_predictor_rows_follow_their_neurons(tmp_path):
 
 def test_refusals_leave_no_file(tmp_path):
     relu = tiny_llama(K.ACT_RELU, seed=25)
-    quant_dense = write(relu, tmp_path / "qd.gguf", "q8_0", layout="dense")
-    with pytest.raises(ConversionError, match=r"blk\.\d+\.ffn_down\.weight.*--layout sparse"):
-        reorder.reorder_model(quant_dense, tmp_path / "out.gguf", CALIBRATION)
+    narrow = write(tiny_llama(K.ACT_RELU, seed=25, n_embd=48, n_head=2, n_head_kv=2), tmp_path / "qd.gguf", "q8_0",
+                   layout="dense")   # ffn_down's rows (192 neurons) are Q8_0, its 48 outputs are not 32s
+    with pytest.raises(ConversionError, match=r"blk\.\d+\.ffn_down\.weight.*neither reordered nor transposed"):
+        reorder.reorder_model(narrow, tmp_path / "out.gguf", CALIBRATION)
     silu = write(tiny_llama(K.ACT_SILU, seed=25), tmp_path / "silu.gguf", activation=K.ACT_SILU, layout="dense")
     with pytest.raises(ConversionError, match="SiLU"):
         reorder.reorder_model(silu, tmp_path / "out.gguf", CALIBRATION)

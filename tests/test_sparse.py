@@ -117,6 +117,21 @@ def test_sparse_layout_prompt_in_column_strips(tmp_path):
         assert rel_err(results[0], rt.evaluate(PROMPT)) < 1e-5
 
 
+def test_a_down_projection_that_cannot_be_transposed(tmp_path):
+    """A quantised plain ffn_down whose outputs (48) do not fill whole 32-blocks cannot become one
+    row per neuron: the file's best mode is dense, and asking for a sparse mode is a clear error
+    naming the file and the tensor (it was gguf-py's "Can't quantize tensor with shape")."""
+    model = tiny_llama(K.ACT_RELU, seed=22, n_embd=48, n_head=2, n_head_kv=2)
+    path = write_llama_gguf(tmp_path / "m.gguf", model.config.to_dict(), model.state_dict(), outtype="q8_0",
+                            activation=K.ACT_RELU, layout="dense")
+    with Runtime(path, n_ctx=64, threads=1) as rt:
+        assert rt.sparse == "dense"
+        assert rel_err(rt.evaluate(PROMPT), hf_logits(model, PROMPT)) < 0.05   # Q8_0 weights, q8 activations
+    for mode in ("exact", "predictor"):
+        with pytest.raises(ValueError, match=rf"m\.gguf: {mode} mode .*'blk\.0\.ffn_down\.weight' \(Q8_0, 48 outputs\)"):
+            Runtime(path, n_ctx=16, threads=1, sparse=mode)
+
+
 def test_best_mode_follows_the_file(tmp_path):
     relu = to_gguf(tiny_llama(K.ACT_RELU), tmp_path / "relu.gguf", "f32", K.ACT_RELU)
     silu = to_gguf(tiny_llama(K.ACT_SILU), tmp_path / "silu.gguf")
