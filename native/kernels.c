@@ -1008,8 +1008,9 @@ TARGET_AVX2 static void weighted_sum_avx2(const float *w, int64_t n, const void 
     else                       weighted_sum_typed_avx2(w, n, rows, ld, k, PS_TYPE_F32, out);
 }
 
-/* the rows with a non-zero a as a bit mask (n <= 64), so that the kernel branches once per row
- * it adds rather than once per row, mispredicted as often as which ones are is random */
+/* the rows with a non-zero a as a bit mask (n <= 64, as axpy_nonzero allows), so that the
+ * kernel branches once per row it adds rather than once per row, mispredicted as often as which
+ * ones are is random */
 TARGET_AVX2 INLINE uint64_t nonzero_mask_avx2(const float *a, int64_t n) {
     uint64_t mask = 0;
     int64_t j = 0;
@@ -1036,11 +1037,6 @@ TARGET_AVX2 INLINE void axpy_nonzero_pass_avx2(const float *a, uint64_t nonzero,
  * then 8, while the rows with a non-zero a stream past */
 TARGET_AVX2 static void axpy_nonzero_avx2(const float *a, int64_t n, const float *rows, int64_t ld, int64_t off,
                                           float *y, int64_t k) {
-    if (n > 64) {
-        axpy_nonzero_avx2(a, 64, rows, ld, off, y, k);
-        axpy_nonzero_avx2(a + 64, n - 64, rows + 64 * ld, ld, off, y, k);
-        return;
-    }
     const uint64_t nonzero = nonzero_mask_avx2(a, n);
     int64_t i = 0;
     for (; i + 64 <= k; i += 64) axpy_nonzero_pass_avx2(a, nonzero, rows + off + i, ld, y + i, 8);
@@ -1734,11 +1730,6 @@ TARGET_AVX512 INLINE void axpy_nonzero_pass_avx512(const float *a, uint64_t nonz
  * two. */
 TARGET_AVX512 static void axpy_nonzero_avx512(const float *a, int64_t n, const float *rows, int64_t ld, int64_t off,
                                               float *y, int64_t k) {
-    if (n > 64) {
-        axpy_nonzero_avx512(a, 64, rows, ld, off, y, k);
-        axpy_nonzero_avx512(a + 64, n - 64, rows + 64 * ld, ld, off, y, k);
-        return;
-    }
     uint64_t nonzero = 0;
     for (int64_t j = 0; j < n; j += 16) {
         const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
@@ -2376,11 +2367,6 @@ INLINE void axpy_nonzero_pass_neon(const float *a, uint64_t nonzero, const float
  * row added, not per row) */
 static void axpy_nonzero_neon(const float *a, int64_t n, const float *rows, int64_t ld, int64_t off, float *y,
                               int64_t k) {
-    if (n > 64) {
-        axpy_nonzero_neon(a, 64, rows, ld, off, y, k);
-        axpy_nonzero_neon(a + 64, n - 64, rows + 64 * ld, ld, off, y, k);
-        return;
-    }
     uint64_t nonzero = 0;
     for (int64_t j = 0; j < n; j++) nonzero |= (uint64_t)(a[j] != 0.0f) << j;
     int64_t i = 0;

@@ -29,6 +29,7 @@
 /* Neurons a prompt's down projection takes together (down_t_task): their rows, dequantised,
  * fill a thread's down_tile. */
 #define H_BLOCK 64
+_Static_assert(H_BLOCK <= 64, "axpy_nonzero takes at most 64 rows");
 /* The down projection's output is split among threads in units of this many floats (or of a
  * quantised type's 32-float blocks). A multiple of every SIMD step (AVX-512 16, AVX2 8, NEON 4):
  * the kernels' scalar tails round differently from their vector loops (no fused multiply-add),

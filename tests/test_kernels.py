@@ -1070,7 +1070,7 @@ def test_gemm16_matches_numpy_and_gives_the_scalar_bits(isa_name, m, k, heap):
 
 
 @pytest.mark.parametrize("isa_name", ISAS)
-@pytest.mark.parametrize("n,k", [(1, 16), (64, 576), (70, 288), (19, 96), (5, 7), (64, 1), (0, 32), (130, 140)])
+@pytest.mark.parametrize("n,k", [(1, 16), (64, 576), (63, 288), (19, 96), (5, 7), (64, 1), (0, 32), (40, 140)])
 def test_axpy_nonzero_adds_the_nonzero_rows_and_gives_the_scalar_bits(isa_name, n, k, heap):
     """A prompt's down projection from ffn_down_t: y plus the rows whose a is non-zero, a strip
     of columns from `off` on. numpy within float rounding; the scalar kernel's bits (one fma
