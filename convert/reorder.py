@@ -143,9 +143,9 @@ def plan_permutations(gf: GGUFFile, order: np.ndarray) -> dict[str, tuple[str, n
                                       f"{K.block_tensor(layer, K.FFN_DOWN_T)!r}; refusing")
             block = GGML_QUANT_SIZES[t.type][0]
             if len(t.shape) != 2 or t.shape[1] % block:
-                raise ConversionError(f"{gf.path}: tensor {name!r} is {t.type.name} with rows of {t.shape[1:]} "
-                                      f"outputs, which do not fill whole blocks of {block} once transposed "
-                                      f"to one row per neuron, so it can be neither reordered nor transposed")
+                raise ConversionError(f"{gf.path}: tensor {name!r} is {t.type.name} of shape {list(t.shape)}: its "
+                                      f"outputs do not fill whole blocks of {block} once transposed to one row "
+                                      f"per neuron, so it can be neither reordered nor transposed")
             plan[name] = ("transpose", order[layer])
         elif n_ff in t.shape and kind not in NOT_NEURONS:
             raise ConversionError(f"{gf.path}: tensor {name!r} (shape {list(t.shape)}) is not one prosparse "
