@@ -44,6 +44,8 @@ from prosparse import constants as K
 from prosparse.gguf_file import (GGML_QUANT_SIZES, GGMLQuantizationType, GGUFError, GGUFFile, GGUFValueType,
                                  drop_cached_pages)
 
+from prosparse.loader import read_spec, transposable_down, transpose_down
+
 from .errors import ConversionError
 from .gguf_writer import _umask, check_output
 
@@ -141,11 +143,11 @@ def plan_permutations(gf: GGUFFile, order: np.ndarray) -> dict[str, tuple[str, n
             if K.block_tensor(layer, K.FFN_DOWN_T) in gf.tensors:
                 raise ConversionError(f"{gf.path}: layer {layer} has both {name!r} and "
                                       f"{K.block_tensor(layer, K.FFN_DOWN_T)!r}; refusing")
-            block = GGML_QUANT_SIZES[t.type][0]
-            if len(t.shape) != 2 or t.shape[1] % block:
+            if not transposable_down(t):
                 raise ConversionError(f"{gf.path}: tensor {name!r} is {t.type.name} of shape {list(t.shape)}: its "
-                                      f"outputs do not fill whole blocks of {block} once transposed to one row "
-                                      f"per neuron, so it can be neither reordered nor transposed")
+                                      f"outputs do not fill whole blocks of {GGML_QUANT_SIZES[t.type][0]} once "
+                                      f"transposed to one row per neuron, so it can be neither reordered nor "
+                                      f"transposed")
             plan[name] = ("transpose", order[layer])
         elif n_ff in t.shape and kind not in NOT_NEURONS:
             raise ConversionError(f"{gf.path}: tensor {name!r} (shape {list(t.shape)}) is not one prosparse "
@@ -156,7 +158,6 @@ def plan_permutations(gf: GGUFFile, order: np.ndarray) -> dict[str, tuple[str, n
 def permuted(gf: GGUFFile, name: str, how: str, perm: np.ndarray) -> np.ndarray:
     t = gf.tensors[name]
     if how == "transpose":
-        from prosparse.loader import transpose_down
         return transpose_down(gf, t).reshape(t.ne0, -1)[perm]
     data = gf.tensor_data(name)
     if how == "rows":
@@ -253,18 +254,18 @@ def reorder_model(src: str | os.PathLike, out: str | os.PathLike, calibration: s
         raise ConversionError(f"--window {window} is too small (at least {2 * MIN_TOKENS})")
     check_output(out, force)
     with GGUFFile(src) as gf:
-        from prosparse.loader import read_spec
         spec = read_spec(gf)
         if spec.activation == K.ACT_SILU:
             raise ConversionError(f"{src}: the FFN gate is SiLU, which leaves (almost) every neuron active, so "
                                   f"there is no activation frequency to sort by; reorder ReLU / FATReLU "
                                   f"(ProSparse) models")
-        plan_permutations(gf, np.zeros((len(spec.layers), spec.config["n_ff"]), dtype=np.int64))  # fail early
+        # fail early (which tensors are transposed does not depend on the order)
+        plan = plan_permutations(gf, np.zeros((len(spec.layers), spec.config["n_ff"]), dtype=np.int64))
+        transposed = sum(how == "transpose" for how, _ in plan.values())
         counts, n_tokens, sparsity = count_activations(src, calibration, max_tokens, window, threads,
                                                        progress and sys.stderr.isatty())
         order = neuron_order(counts)
         n_bytes = write_reordered(gf, out, order, n_tokens, force)
-        transposed = sum(how == "transpose" for how, _ in plan_permutations(gf, order).values())
     n_ff = counts.shape[1]
     moved = [float(np.mean(o != np.arange(n_ff))) for o in order]
     top = [float(np.sort(c)[::-1][:max(1, n_ff // 10)].sum() / max(1, c.sum())) for c in counts]

@@ -180,8 +180,8 @@ typedef struct {
     void (*gemm16)(const float *a, int64_t a_rs, int64_t a_ks, int64_t m, const float *b, int64_t ldb, int64_t k,
                    float *c, int64_t ldc);
     /* y[i] for i < k: y[i] = fma(a[j], rows[j * ld + off + i], y[i]) for each j < n with a[j]
-     * != 0, in order: each y[i] one fma chain, the same bits in every isa and as an f32 axpy per
-     * such row (rows whose a is zero are never read). n <= 64 (the SIMD kernels take the
+     * != 0, in order: each y[i] one fma chain, the same bits in every isa (and as the SIMD f32
+     * axpy per such row; the scalar axpy does not fuse) (rows whose a is zero are never read). n <= 64 (the SIMD kernels take the
      * non-zero a as a 64-bit mask). A prompt's down projection from
      * ffn_down_t, a column strip at a time: y is kept in registers while the token's rows pass,
      * and the strip of the rows stays in L1 for the next token. */

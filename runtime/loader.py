@@ -65,14 +65,12 @@ class ModelSpec:
         return "predictor" if self.has_predictor else "exact"
 
     def untransposable_down(self) -> TensorInfo | None:
-        """The first plain ffn_down that a sparse mode could not transpose into one row per
-        neuron (quantised, with outputs that do not fill whole blocks), or None."""
+        """The first plain ffn_down that a sparse mode would have to transpose and could not
+        (transposable_down), or None."""
         for layer in self.layers:
             t = layer["ffn_down"]
-            if layer["ffn_down_t"] is None and t is not None and len(t.shape) == 2:
-                block = GGML_QUANT_SIZES[t.type][0]
-                if block > 1 and t.shape[1] % block:
-                    return t
+            if layer["ffn_down_t"] is None and t is not None and not transposable_down(t):
+                return t
         return None
 
     @property
@@ -191,6 +189,12 @@ def _predictor_thresholds(gf: GGUFFile, n_layer: int, powerinfer: bool) -> list[
         return [float(v) for v in values]
     key = K.KEY_POWERINFER_SPARSE_THRESHOLD if powerinfer else K.KEY_PREDICTOR_THRESHOLD
     return [_get(gf, key, float, default=0.0)] * n_layer
+
+
+def transposable_down(t: TensorInfo) -> bool:
+    """Whether ffn_down (n_embd rows of n_ff) can become ffn_down_t (n_ff rows of n_embd) in its
+    type: always for float types; a quantised one only where its n_embd outputs fill whole blocks."""
+    return len(t.shape) == 2 and t.shape[1] % GGML_QUANT_SIZES[t.type][0] == 0
 
 
 def transpose_down(gf: GGUFFile, t: TensorInfo) -> np.ndarray:

@@ -125,12 +125,13 @@ def test_quantised_ffn_down_is_written_transposed(tmp_path, outtype):
     src = write(model, tmp_path / "m.gguf", outtype, layout="dense")
     result = reorder.reorder_model(src, tmp_path / "hot.gguf", CALIBRATION, window=64)
     assert result.transposed == model.config.num_hidden_layers
+    counts = counts_of(src)
     with GGUFFile(src) as a, GGUFFile(result.path) as b:
         for i in range(model.config.num_hidden_layers):
             down, down_t = K.block_tensor(i, K.FFN_DOWN), K.block_tensor(i, K.FFN_DOWN_T)
             assert down not in b.tensors and b.tensors[down_t].shape == a.tensors[down].shape[::-1]
             assert b.tensors[down_t].type == a.tensors[down].type
-            order = np.argsort(-counts_of(src)[i], kind="stable")
+            order = np.argsort(-counts[i], kind="stable")
             np.testing.assert_array_equal(rows(b, K.block_tensor(i, K.FFN_GATE)),
                                           rows(a, K.block_tensor(i, K.FFN_GATE))[order])
     with Runtime(src, n_ctx=64, threads=2, sparse="exact", activations="f32") as a, \
