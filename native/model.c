@@ -1156,7 +1156,7 @@ static void forward_chunk(ps_model *m, const int32_t *tokens, int batch, int pos
 
 int32_t ps_model_eval(ps_model *m, const int32_t *tokens, int32_t n_tokens, int32_t n_past,
                       float *logits, int32_t all_logits, char *err, int32_t err_len) {
-    if (!m || !tokens || !logits) { set_error(err, err_len, "null argument"); return -1; }
+    if (!m || !tokens || (!logits && all_logits)) { set_error(err, err_len, "null argument"); return -1; }
     if (n_tokens <= 0) { set_error(err, err_len, "no tokens to evaluate"); return -1; }
     if (n_past < 0 || (int64_t)n_past + n_tokens > m->n_ctx) {
         set_error(err, err_len, "context full: %d tokens after %d past tokens exceed n_ctx = %d",
@@ -1173,7 +1173,8 @@ int32_t ps_model_eval(ps_model *m, const int32_t *tokens, int32_t n_tokens, int3
     for (int done = 0; done < n_tokens;) {
         const int batch = n_tokens - done < MAX_BATCH ? n_tokens - done : MAX_BATCH;
         const int last_chunk = done + batch == n_tokens;
-        /* an intermediate chunk of a prompt only fills the KV cache: no head */
+        /* an intermediate chunk of a prompt only fills the KV cache: no head (nor any chunk
+         * without logits) */
         float *out = all_logits ? logits + (int64_t)done * m->c.n_vocab : last_chunk ? logits : NULL;
         forward_chunk(m, tokens + done, batch, n_past + done, out, all_logits);
         done += batch;

@@ -94,7 +94,8 @@ void ps_model_free(ps_model *m);
 
 /* Runs n_tokens tokens at positions n_past .. n_past+n_tokens-1 (the KV cache keeps what was
  * evaluated before; positions past n_past are overwritten). Writes n_vocab logits of the last
- * token, or of every token when all_logits != 0 (n_tokens * n_vocab floats).
+ * token, or of every token when all_logits != 0 (n_tokens * n_vocab floats); logits = NULL
+ * (with all_logits = 0) only fills the KV cache, skipping the output head.
  * Returns 0, or -1 with a message in err (token id out of range, context full, ...). */
 int32_t ps_model_eval(ps_model *m, const int32_t *tokens, int32_t n_tokens, int32_t n_past,
                       float *logits, int32_t all_logits, char *err, int32_t err_len);

@@ -313,15 +313,24 @@ class Runtime:
         return tokens
 
     def _prefill(self, tokens: list[int]) -> np.ndarray:
-        """Logits after tokens, reusing the cached prefix (chat turns re-send the history)."""
+        """Logits after tokens, reusing the cached prefix (chat turns re-send the history).
+
+        The last token is always evaluated alone, as a decode step, after the rest went through
+        the prompt batch: so a prompt sent again gets the same logits, to the bit, whether its
+        prefix comes from the cache or not, and a seeded sample repeats. (Were the last token in
+        the batch, a fresh run would round it otherwise than a cached one: the batch's integer
+        GEMM sums in another order than the decode path's dots, and 8-bit activations turn such
+        last-bit differences into SmolLM2 logits up to ~1 apart.) It also puts the first sampled
+        token through the sparse mode, as every later one; prompt batches run the dense FFN."""
         common = 0
         limit = min(len(self._cached), len(tokens) - 1)   # re-evaluate at least the last token
         while common < limit and self._cached[common] == tokens[common]:
             common += 1
         self._cached = self._cached[:common]
-        logits = self._model.eval(tokens[common:], common)
-        self._cached = list(tokens)
-        return logits
+        if common < len(tokens) - 1:
+            self._model.eval(tokens[common:-1], common, logits=False)
+            self._cached = tokens[:-1]
+        return self._step(tokens[-1])
 
     def _step(self, token: int) -> np.ndarray:
         logits = self._model.eval([token], len(self._cached))

@@ -130,17 +130,19 @@ class NativeModel:
                                        "ne0": shape[0], "ne1": shape[1]})
 
     # --- evaluation ----------------------------------------------------------------------
-    def eval(self, tokens, n_past: int, all_logits: bool = False) -> np.ndarray:
-        """Logits (n_vocab,) of the last token, or (len(tokens), n_vocab) with all_logits."""
+    def eval(self, tokens, n_past: int, all_logits: bool = False, logits: bool = True) -> np.ndarray | None:
+        """Logits (n_vocab,) of the last token, or (len(tokens), n_vocab) with all_logits;
+        logits=False only fills the KV cache (no output head) and returns None."""
         toks = np.ascontiguousarray(tokens, dtype=np.int32)
         n = len(toks)
-        out = np.empty((n if all_logits else 1, self.n_vocab), dtype=np.float32)
+        out = np.empty((n if all_logits else 1, self.n_vocab), dtype=np.float32) if logits or all_logits else None
         err = ffi.new("char[]", ERR_LEN)
         rc = lib.ps_model_eval(self._ptr, ffi.from_buffer("int32_t[]", toks), n, n_past,
-                               ffi.from_buffer("float[]", out), int(all_logits), err, ERR_LEN)
+                               ffi.NULL if out is None else ffi.from_buffer("float[]", out), int(all_logits),
+                               err, ERR_LEN)
         if rc != 0:
             raise NativeError(ffi.string(err).decode(errors="replace"))
-        return out if all_logits else out[0]
+        return out if all_logits or out is None else out[0]
 
     # --- activations and KV cache type (named settings, each a C getter and setter) --------
     def _get_named(self, getter, table: dict) -> str:
