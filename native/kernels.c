@@ -904,16 +904,19 @@ TARGET_AVX2 INLINE void axpy4_avx2(const float *a, const void *const *rows, floa
 SIMD_ALL_TYPES(TARGET_AVX2, avx2)
 
 /* One R x T tile (R <= 3 rows, T <= 4 tokens; constants where it is inlined): R * T
- * accumulators, R + T loads per R * T fmas. */
-TARGET_AVX2 INLINE void gemm_tile_avx2(const float *a, int64_t lda, int R, const float *b, int64_t ldb, int T,
-                                       int64_t k, float *c, int64_t ldc) {
+ * accumulators, R + T loads per R * T fmas. a's rows are F32, F16 or BF16 (type), converted as
+ * they are loaded: the halves convert exactly, so an F16 / BF16 tile gives the bits of the f32
+ * GEMM on the converted rows. */
+TARGET_AVX2 INLINE void gemm_tile_avx2(const void *a, int64_t lda, int R, const float *b, int64_t ldb, int T,
+                                       int64_t k, float *c, int64_t ldc, int type) {
+    const size_t es = type == PS_TYPE_F32 ? 4 : 2;   /* bytes per element of a */
     const int64_t k8 = k - k % 8;
     __m256 acc[3][4];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
     for (int64_t p = 0; p < k8; p += 8) {
         __m256 va[3];
-        for (int r = 0; r < R; r++) va[r] = _mm256_loadu_ps(a + r * lda + p);
+        for (int r = 0; r < R; r++) va[r] = load8_avx2((const char *)a + (size_t)(r * lda) * es, p, type);
         for (int t = 0; t < T; t++) {
             const __m256 vb = _mm256_loadu_ps(b + t * ldb + p);
             for (int r = 0; r < R; r++) acc[r][t] = _mm256_fmadd_ps(va[r], vb, acc[r][t]);
@@ -922,7 +925,7 @@ TARGET_AVX2 INLINE void gemm_tile_avx2(const float *a, int64_t lda, int R, const
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) {
             float s = hsum_avx2(acc[r][t]);
-            for (int64_t p = k8; p < k; p++) s += a[r * lda + p] * b[t * ldb + p];
+            for (int64_t p = k8; p < k; p++) s += load1((const char *)a + (size_t)(r * lda) * es, p, type) * b[t * ldb + p];
             c[t * ldc + r] = s;
         }
 }
@@ -931,20 +934,36 @@ TARGET_AVX2 INLINE void gemm_tile_avx2(const float *a, int64_t lda, int R, const
  * loads per 12 fmas. Against the earlier 4 x 2 tiles (6 loads per 8 fmas), pp128 with
  * PROSPARSE_ISA=avx2_vnni on the Zen 5 machine (interleave.py --prompt, alternating builds):
  * 1 thread Q4_1 416-420 -> 483-492, Q8_0 409-416 -> 476-483, F16 405-417 -> 472-478 t/s;
- * 2 threads 794-815 -> 917-950. */
-TARGET_AVX2 static void gemm_avx2(const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t nb,
-                                  int64_t k, float *c, int64_t ldc) {
+ * 2 threads 794-815 -> 917-950. F16 rows are converted inside the tile (vcvtph2ps takes its
+ * operand from memory), not first into a float tile: on a Zen 3 machine without AVX-512, F16
+ * pp128 (alternating builds, 3 rounds) 300-304 -> 314-319 t/s on 1 thread, 588-597 -> 615-630
+ * on 2. */
+TARGET_AVX2 INLINE void gemm_typed_avx2(const void *a, int64_t lda, int64_t m, const float *b, int64_t ldb,
+                                        int64_t nb, int64_t k, float *c, int64_t ldc, int type) {
+    const size_t es = type == PS_TYPE_F32 ? 4 : 2;
     int64_t i = 0;
     for (; i + 3 <= m; i += 3) {
+        const char *ai = (const char *)a + (size_t)(i * lda) * es;
         int64_t j = 0;
-        for (; j + 4 <= nb; j += 4) gemm_tile_avx2(a + i * lda, lda, 3, b + j * ldb, ldb, 4, k, c + j * ldc + i, ldc);
-        for (; j < nb; j++) gemm_tile_avx2(a + i * lda, lda, 3, b + j * ldb, ldb, 1, k, c + j * ldc + i, ldc);
+        for (; j + 4 <= nb; j += 4) gemm_tile_avx2(ai, lda, 3, b + j * ldb, ldb, 4, k, c + j * ldc + i, ldc, type);
+        for (; j < nb; j++) gemm_tile_avx2(ai, lda, 3, b + j * ldb, ldb, 1, k, c + j * ldc + i, ldc, type);
     }
     for (; i < m; i++) {
+        const char *ai = (const char *)a + (size_t)(i * lda) * es;
         int64_t j = 0;
-        for (; j + 4 <= nb; j += 4) gemm_tile_avx2(a + i * lda, lda, 1, b + j * ldb, ldb, 4, k, c + j * ldc + i, ldc);
-        for (; j < nb; j++) gemm_tile_avx2(a + i * lda, lda, 1, b + j * ldb, ldb, 1, k, c + j * ldc + i, ldc);
+        for (; j + 4 <= nb; j += 4) gemm_tile_avx2(ai, lda, 1, b + j * ldb, ldb, 4, k, c + j * ldc + i, ldc, type);
+        for (; j < nb; j++) gemm_tile_avx2(ai, lda, 1, b + j * ldb, ldb, 1, k, c + j * ldc + i, ldc, type);
     }
+}
+
+TARGET_AVX2 static void gemm_avx2(const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t nb,
+                                  int64_t k, float *c, int64_t ldc) {
+    gemm_typed_avx2(a, lda, m, b, ldb, nb, k, c, ldc, PS_TYPE_F32);
+}
+
+TARGET_AVX2 static void gemm_f16_avx2(const void *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t nb,
+                                      int64_t k, float *c, int64_t ldc) {
+    gemm_typed_avx2(a, lda, m, b, ldb, nb, k, c, ldc, PS_TYPE_F16);
 }
 
 /* exp1_scalar's steps on 8 lanes */
@@ -2819,11 +2838,14 @@ void ps_quantize_q8(const float *x, const ps_q8_vec *out, int64_t n) {
     ps_quantize_q8_isa(ps_kernels_best_isa(), x, out, n);
 }
 
-/* GEMMs whose a is F16 / BF16 (converted inside the kernel): AVX-512 only */
+/* GEMMs whose a is F16 / BF16 (converted inside the kernel). Not BF16 on AVX2: its widening
+ * and shift inside the tile made BF16 pp128 2-3% slower than converting into a float tile first
+ * (Zen 3, alternating builds, 1 thread 300-306 -> 291-294 t/s), where F16 gained 4-5%. */
 typedef void (*gemm_half_fn)(const void *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t nb,
                              int64_t k, float *c, int64_t ldc);
 static const gemm_half_fn isa_gemm_f16[PS_ISA_COUNT] = {
 #if defined(__x86_64__)
+    [PS_ISA_AVX2] = gemm_f16_avx2, [PS_ISA_AVX2_VNNI] = gemm_f16_avx2,
     [PS_ISA_AVX512] = gemm_f16_avx512, [PS_ISA_AVX512_VNNI] = gemm_f16_avx512, [PS_ISA_AVX512_BF16] = gemm_f16_avx512,
 #endif
 };
