@@ -904,9 +904,9 @@ TARGET_AVX2 INLINE void axpy4_avx2(const float *a, const void *const *rows, floa
 SIMD_ALL_TYPES(TARGET_AVX2, avx2)
 
 /* One R x T tile (R <= 3 rows, T <= 4 tokens; constants where it is inlined): R * T
- * accumulators, R + T loads per R * T fmas. a's rows are F32, F16 or BF16 (type), converted as
- * they are loaded: the halves convert exactly, so an F16 / BF16 tile gives the bits of the f32
- * GEMM on the converted rows. */
+ * accumulators, R + T loads per R * T fmas. a's rows are of any type load8_avx2 reads (the
+ * callers: F32, F16), converted as they are loaded: halves convert exactly, so an F16 tile gives
+ * the bits of the f32 GEMM on the converted rows. */
 TARGET_AVX2 INLINE void gemm_tile_avx2(const void *a, int64_t lda, int R, const float *b, int64_t ldb, int T,
                                        int64_t k, float *c, int64_t ldc, int type) {
     const size_t es = type == PS_TYPE_F32 ? 4 : 2;   /* bytes per element of a */
