@@ -20,11 +20,10 @@
 
 /* Prompt tokens are processed in chunks of at most this many (bounds the scratch memory). */
 #define MAX_BATCH 128
-/* Rows handed out to a thread at a time by a mat-mat (the tile a thread dequantises). */
+/* Rows handed out to a thread at a time by a mat-mat (the tile a thread dequantises), and by
+ * one whose every matrix goes through the typed GEMM as it is (no tile: direct_gemm_only). */
 #define ROW_CHUNK 16
-#ifndef DIRECT_CHUNK
 #define DIRECT_CHUNK 48
-#endif
 /* A mat-vec hands out larger chunks, about this many per thread: every take is an atomic on a
  * cache line the threads share, which costs as much as reading a few small rows. More than one
  * per thread lets a thread that got the core late take less (2 beat 4 by 3-8% at 2 threads). */
@@ -264,6 +263,15 @@ static inline void matmul_rows_q8(const matmul_target *t, const ps_type_traits *
     }
 }
 
+/* Whether a batch reads rows of this type through the typed GEMM as they are: not BF16 rows
+ * meeting bf16 activations, nor rows with an integer prompt kernel meeting a packed 8-bit batch
+ * (their own GEMMs), and a type the typed GEMM takes (F32; F16 / BF16 where it converts them);
+ * otherwise the rows are dequantised into the thread's tile first. */
+static int batch_rows_direct(int type, const uint16_t *in_bf16, const ps_q8_batch *in_q8b) {
+    const ps_type_traits *tt = ps_type_traits_for(type, -1);
+    return !(in_bf16 && tt->dot_bf16) && !(in_q8b && tt->gemm_q8) && ps_gemm_nt_typed_supported(type);
+}
+
 /* Rows j0..j1 of a target. One token: a dot per row, integer when the type has an integer
  * kernel and in_q8 is given, bf16 when the type has a bf16 dot and in_bf16 is given. A batch:
  * BF16 rows with in_bf16 through the bf16 GEMM; F32 rows, and F16 / BF16 ones where the GEMM
@@ -313,7 +321,7 @@ static void matmul_rows(const matmul_target *t, const float *in, const ps_q8_vec
     }
     /* F32 rows as they are and F16 / BF16 rows where the GEMM converts them itself; others
      * dequantised into the thread's tile first */
-    const int direct = ps_gemm_nt_typed_supported(w->type);
+    const int direct = batch_rows_direct(w->type, in_bf16, in_q8b);
     if (!direct)
         for (int64_t j = j0; j < j1; j++) tt->to_float(base + (size_t)j * row_bytes, tile + (j - j0) * n, n);
     /* the next tile's rows (this thread's or another's next take) start arriving while this
@@ -427,12 +435,8 @@ static const uint16_t *bf16_input(const ps_model *m, const matmul_target *target
  * a 1-row tile per take): F16 pp128 on a Zen 3 core 334 -> 351-353 t/s in alternating builds
  * (96: no better on one thread, worse on two). */
 static int direct_gemm_only(const matmul_job *job) {
-    for (int i = 0; i < job->n_targets; i++) {
-        const ps_type_traits *tt = ps_type_traits_for(job->t[i].w->type, -1);
-        if ((job->in_bf16 && tt->dot_bf16) || (job->in_q8b && tt->gemm_q8) ||
-            !ps_gemm_nt_typed_supported(job->t[i].w->type))
-            return 0;
-    }
+    for (int i = 0; i < job->n_targets; i++)
+        if (!batch_rows_direct(job->t[i].w->type, job->in_bf16, job->in_q8b)) return 0;
     return 1;
 }
 
