@@ -1276,25 +1276,24 @@ TARGET_AVX2 INLINE __m128 q4_fold_off_avx2(__m128 off, __m256 off4, int type) {
     }                                                                                          \
     TARGET INLINE __m256 q4_step4_##isa(const void *row, const q4_x4_avx2 *x, int64_t c, int type, __m256 acc, \
                                         __m256 *off) {                                         \
-        __m128i c0, c1, c2, c3, h;                                                             \
+        __m128i h;                     /* the four blocks' scale fields, as f16 */              \
         if (type == PS_TYPE_Q4_1) {                                                            \
             const block_q4_1 *b = (const block_q4_1 *)row + c;                                 \
             uint32_t dm[4];                                                                    \
             for (int k = 0; k < 4; k++) memcpy(&dm[k], &b[k], sizeof dm[k]);                   \
             h = _mm_insert_epi64(_mm_cvtsi64_si128((long long)((uint64_t)dm[0] | (uint64_t)dm[1] << 32)), \
                                  (long long)((uint64_t)dm[2] | (uint64_t)dm[3] << 32), 1);     \
-            c0 = _mm_loadu_si128((const __m128i *)b[0].qs), c1 = _mm_loadu_si128((const __m128i *)b[1].qs); \
-            c2 = _mm_loadu_si128((const __m128i *)b[2].qs), c3 = _mm_loadu_si128((const __m128i *)b[3].qs); \
         } else {                                                                               \
             const block_q4_0 *b = (const block_q4_0 *)row + c;                                 \
             h = _mm_cvtsi64_si128((long long)((uint64_t)b[0].d | (uint64_t)b[1].d << 16 | (uint64_t)b[2].d << 32 | \
                                               (uint64_t)b[3].d << 48));                        \
             h = _mm_unpacklo_epi64(h, h);                                                      \
-            c0 = _mm_loadu_si128((const __m128i *)b[0].qs), c1 = _mm_loadu_si128((const __m128i *)b[1].qs); \
-            c2 = _mm_loadu_si128((const __m128i *)b[2].qs), c3 = _mm_loadu_si128((const __m128i *)b[3].qs); \
         }                                                                                      \
+        const __m128i *q[4];                                                                   \
+        for (int k = 0; k < 4; k++) q[k] = (const __m128i *)q4_codes(row, c + k, type);        \
         const __m256i m4 = _mm256_set1_epi8(0x0f);                                             \
-        const __m256i ca = _mm256_set_m128i(c2, c0), cb = _mm256_set_m128i(c3, c1);            \
+        const __m256i ca = _mm256_set_m128i(_mm_loadu_si128(q[2]), _mm_loadu_si128(q[0]));    \
+        const __m256i cb = _mm256_set_m128i(_mm_loadu_si128(q[3]), _mm_loadu_si128(q[1]));    \
         const __m256i ta = MUL_SUM2(_mm256_and_si256(ca, m4), x->q[0], _mm256_and_si256(_mm256_srli_epi16(ca, 4), m4), x->q[1]); \
         const __m256i tb = MUL_SUM2(_mm256_and_si256(cb, m4), x->q[2], _mm256_and_si256(_mm256_srli_epi16(cb, 4), m4), x->q[3]); \
         const __m256 f = _mm256_cvtph_ps(h), prod = _mm256_mul_ps(f, x->d);                    \
