@@ -1214,21 +1214,6 @@ TARGET_AVX2 INLINE void q4_finish_avx2(const __m256 *acc, const __m128 *off, int
     _mm_storeu_ps(out, res);
 }
 
-/* Int8 dots over nb blocks. Q8_0: one block per step into two alternating accumulators. Q4: two
- * blocks per step, their code bytes side by side in one vector (low nibbles are weights 0-15,
- * high nibbles 16-31) and x's halves regrouped to match, so that 128-bit lane k holds block
- * c+k's dot as 4 partial sums and one scale vector serves both blocks (as the AVX-512 Q4 steps
- * do with four); one accumulator and one offset sum per row. With two of each, dot4's four rows
- * took all 16 registers and spilled: Q4_1 dot4 in cache (native/bench/bench_kernels, 576
- * columns, on the Zen 5 machine) AVX2-VNNI 29 -> 32, AVX2 25.7 -> 28.2 GB/s; default-model
- * decode with PROSPARSE_ISA=avx2_vnni, 1 thread, alternating builds, 272-277 -> 279-290 t/s.
- * Whole fours of blocks go through q4_step4 first, two such vectors (blocks c and c+2, c+1 and
- * c+3), so that one vcvtph2ps converts the four blocks' scales and in-lane shuffles (not a
- * lane-crossing vpermps, two uops on Zen 3) spread them over the lanes; the two vpmaddubsw
- * products of a vector are added as int16 (|.| <= 2 x 2 x 15 x 127) before one vpmaddwd. On
- * the Zen 3 machine (no AVX-512; a 256 x 576 matrix in L2, best of 3000 passes) Q4_1 dot4
- * 6.9 -> 7.6 bytes per TSC cycle, Q4_0 6.3 -> 6.8; default-model decode, 1 thread, alternating
- * builds, median 120 -> 133 t/s. */
 /* x's side of Q4 blocks c..c+3 for q4_step4: the code vectors regrouped as a row's are (its
  * vectors pair block c with c+2 and c+1 with c+3, lane k holding the block 2k further on),
  * low nibbles' halves then high nibbles', and the scales where a row's scales meet them:
@@ -1255,6 +1240,21 @@ TARGET_AVX2 INLINE __m128 q4_fold_off_avx2(__m128 off, __m256 off4, int type) {
     return _mm_add_ps(off, type == PS_TYPE_Q4_1 ? h : _mm_add_ps(h, _mm_movehl_ps(h, h)));
 }
 
+/* Int8 dots over nb blocks. Q8_0: one block per step into two alternating accumulators. Q4: two
+ * blocks per step, their code bytes side by side in one vector (low nibbles are weights 0-15,
+ * high nibbles 16-31) and x's halves regrouped to match, so that 128-bit lane k holds block
+ * c+k's dot as 4 partial sums and one scale vector serves both blocks (as the AVX-512 Q4 steps
+ * do with four); one accumulator and one offset sum per row. With two of each, dot4's four rows
+ * took all 16 registers and spilled: Q4_1 dot4 in cache (native/bench/bench_kernels, 576
+ * columns, on the Zen 5 machine) AVX2-VNNI 29 -> 32, AVX2 25.7 -> 28.2 GB/s; default-model
+ * decode with PROSPARSE_ISA=avx2_vnni, 1 thread, alternating builds, 272-277 -> 279-290 t/s.
+ * Whole fours of blocks go through q4_step4 first, two such vectors (blocks c and c+2, c+1 and
+ * c+3), so that one vcvtph2ps converts the four blocks' scales and in-lane shuffles (not a
+ * lane-crossing vpermps, two uops on Zen 3) spread them over the lanes; the two vpmaddubsw
+ * products of a vector are added as int16 (|.| <= 2 x 2 x 15 x 127) before one vpmaddwd. On
+ * the Zen 3 machine (no AVX-512; a 256 x 576 matrix in L2, best of 3000 passes) Q4_1 dot4
+ * 6.9 -> 7.6 bytes per TSC cycle, Q4_0 6.3 -> 6.8; default-model decode, 1 thread, alternating
+ * builds, median 120 -> 133 t/s. */
 #define DOT_Q8_AVX2(TARGET, isa, MUL_SUM, MUL_SUM2)                                           \
     TARGET INLINE __m256 q8_0_step_##isa(const void *row, const ps_q8_vec *x, int64_t c, __m256 acc) { \
         __m256i u, s;                                                                          \
