@@ -51,7 +51,15 @@ typedef struct {
     int8_t *qs;   /* (n)      */
     float  *d;    /* (n / 32) */
     float  *s;    /* (n / 32) */
+    int8_t *q4;   /* (n) or NULL: qs regrouped for the AVX2 Q4 dots (below)  */
 } ps_q8_vec;
+
+/* q4: each whole four of blocks c..c+3 holds their 16-code halves in the order
+ * lo(c) lo(c+2) hi(c) hi(c+2) lo(c+1) lo(c+3) hi(c+1) hi(c+3) (lo: codes 0-15 of a block, hi:
+ * 16-31), the order in which the AVX2 Q4 dots pair a row's nibbles with them; the blocks after
+ * the last whole four are not written. The AVX2 quantisers fill it when it is not NULL, and the
+ * AVX2 Q4 dots read it when it is not NULL (else they regroup qs themselves, with the same
+ * result). The other ISAs leave it alone. */
 
 /* A prompt batch's activations in 8 bits, for the integer GEMM (gemm_q8): each token quantised
  * as ps_quantize_q8 quantises it, then interleaved in groups of 16 tokens so that one vector

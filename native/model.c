@@ -1324,13 +1324,15 @@ static char *alloc_cache(const ps_config *c, int32_t n_ctx, size_t elem, void **
     return (char *)(((uintptr_t)*mem + CACHE_LINE - 1) & ~(uintptr_t)(CACHE_LINE - 1));
 }
 
-/* room for n values quantised to 8 bits (whole blocks of 32) */
-static ps_q8_vec alloc_q8(int64_t n, int *failed) {
-    return (ps_q8_vec){ alloc_lines(n, failed), alloc_floats(n / 32, failed), alloc_floats(n / 32, failed) };
+/* room for n values quantised to 8 bits (whole blocks of 32), with their codes in the AVX2 Q4
+ * dots' order too where dots will read them (with_q4) */
+static ps_q8_vec alloc_q8(int64_t n, int with_q4, int *failed) {
+    return (ps_q8_vec){ alloc_lines(n, failed), alloc_floats(n / 32, failed), alloc_floats(n / 32, failed),
+                        with_q4 ? alloc_lines(n, failed) : NULL };
 }
 
 static void free_q8(ps_q8_vec *v) {
-    free(v->qs); free(v->d); free(v->s);
+    free(v->qs); free(v->d); free(v->s); free(v->q4);
 }
 
 /* whether a type has a kernel for activations in Q8 mode: an integer one (dot_q8), or a bf16 one
@@ -1411,11 +1413,11 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
     m->rope_cos_sin = alloc_floats((int64_t)MAX_BATCH * c->n_rot, &failed);
     m->pred_hidden = alloc_floats(max_rank, &failed);
     m->pred_logits = alloc_floats(ff, &failed);
-    m->xb_q8 = alloc_q8(dim, &failed);
-    m->att_q8 = alloc_q8(qd, &failed);
-    m->x_q8 = alloc_q8(dim, &failed);
-    m->hidden_q8 = alloc_q8(max_rank, &failed);
-    m->hb_q8 = alloc_q8(ff, &failed);
+    m->xb_q8 = alloc_q8(dim, 1, &failed);
+    m->att_q8 = alloc_q8(qd, 1, &failed);
+    m->x_q8 = alloc_q8(dim, 1, &failed);
+    m->hidden_q8 = alloc_q8(max_rank, 1, &failed);
+    m->hb_q8 = alloc_q8(ff, 1, &failed);
     if (m->layers && any_matrix(m, has_dot_bf16))
         m->in_bf16 = alloc_lines(MAX_BATCH * max_row * (int64_t)sizeof(uint16_t), &failed);
     if (m->layers && any_matrix(m, has_gemm_q8)) {
@@ -1425,7 +1427,7 @@ ps_model *ps_model_create(const ps_config *cfg, const ps_tensor *tok_embd, const
                                    alloc_lines(lanes * max_row / 32 * (int64_t)sizeof(int32_t), &failed) };
         m->in_q8b_tmp = calloc((size_t)n_threads, sizeof(ps_q8_vec));
         if (!m->in_q8b_tmp) failed = 1;
-        for (int i = 0; m->in_q8b_tmp && i < n_threads; i++) m->in_q8b_tmp[i] = alloc_q8(max_row, &failed);
+        for (int i = 0; m->in_q8b_tmp && i < n_threads; i++) m->in_q8b_tmp[i] = alloc_q8(max_row, 0, &failed);
     }
     m->neurons = calloc((size_t)ff, sizeof(int32_t));
     m->exact_active = calloc((size_t)ff, sizeof(int32_t));

@@ -82,7 +82,7 @@ static int check_gemm_q8(int isa, const char *name, long *checks) {
             char *rows = malloc(row_bytes * (size_t)m);
             float *x = malloc(sizeof(float) * (size_t)(nb * k)), *tmp = malloc(sizeof(float) * (size_t)k);
             float *c = malloc(sizeof(float) * (size_t)(nb * m)), *c_ref = malloc(sizeof(float) * (size_t)(nb * m));
-            ps_q8_vec one = { malloc((size_t)k), malloc(sizeof(float) * (size_t)(k / 32)), malloc(sizeof(float) * (size_t)(k / 32)) };
+            ps_q8_vec one = { malloc((size_t)k), malloc(sizeof(float) * (size_t)(k / 32)), malloc(sizeof(float) * (size_t)(k / 32)), NULL };
             ps_q8_batch xb[2];
             for (int v = 0; v < 2; v++)
                 xb[v] = (ps_q8_batch){ malloc((size_t)(lanes * k)), malloc(sizeof(float) * (size_t)(lanes * k / 32)),
@@ -116,10 +116,10 @@ static int check_isa(int isa) {
     float *x = malloc(sizeof(float) * max_n), *w = malloc(sizeof(float) * max_n), *w2 = malloc(sizeof(float) * max_n);
     float *y = malloc(sizeof(float) * max_n), *y_ref = malloc(sizeof(float) * max_n), *tmp = malloc(sizeof(float) * max_n);
     void *row = malloc(sizeof(float) * max_n);
-    int8_t *qs = malloc(max_n), *qs_ref = malloc(max_n);
+    int8_t *qs = malloc(max_n), *qs_ref = malloc(max_n), *q4 = malloc(max_n);
     float *d = malloc(sizeof(float) * max_n / 32), *s = malloc(sizeof(float) * max_n / 32);
     float *d_ref = malloc(sizeof(float) * max_n / 32), *s_ref = malloc(sizeof(float) * max_n / 32);
-    const ps_q8_vec xq = { qs, d, s }, xq_ref = { qs_ref, d_ref, s_ref };
+    const ps_q8_vec xq = { qs, d, s, q4 }, xq_ref = { qs_ref, d_ref, s_ref, NULL };   /* q4: as the runtime asks */
     int failed = 0;
     for (size_t k = 0; k < sizeof TYPES / sizeof TYPES[0] && !failed; k++) {
         const ps_type_traits *ref = ps_type_traits_for(TYPES[k], PS_ISA_SCALAR), *t = ps_type_traits_for(TYPES[k], isa);
@@ -275,7 +275,7 @@ static int check_isa(int isa) {
     if (!failed) failed = check_gemm_q8(isa, name, &checks);
     if (!failed) printf("%s ok %ld\n", name, checks);
     free(x); free(w); free(w2); free(y); free(y_ref); free(tmp); free(row);
-    free(qs); free(qs_ref); free(d); free(s); free(d_ref); free(s_ref);
+    free(qs); free(qs_ref); free(q4); free(d); free(s); free(d_ref); free(s_ref);
     return failed;
 }
 

@@ -397,12 +397,14 @@ Q8_BLOCK_COUNTS = [1, 2, 3, 5, 6, 7, 17, 18, 49]   # every tail of the 2-, 4- an
 Q8_MIN_AMAX = np.float32(1e-30)
 
 
-def quantize_q8(isa: int, x: np.ndarray, heap: Heap, n_blocks: int | None = None):
+def quantize_q8(isa: int, x: np.ndarray, heap: Heap, n_blocks: int | None = None, q4: bool = True):
     """x quantised by one ISA into exact-size buffers (n_blocks of them: default all of x's
-    whole blocks); returns the ps_q8_vec and its (qs, d, s) read back."""
+    whole blocks), with the codes in the AVX2 Q4 order too (the q4 buffer) as the runtime asks
+    unless not q4; returns the ps_q8_vec and its (qs, d, s) read back."""
     nb = len(x) // 32 if n_blocks is None else n_blocks
     vec = ffi.new("ps_q8_vec *", {"qs": heap.alloc(32 * nb, "int8_t *"), "d": heap.alloc(4 * nb, "float *"),
-                                  "s": heap.alloc(4 * nb, "float *")})
+                                  "s": heap.alloc(4 * nb, "float *"),
+                                  "q4": heap.alloc(32 * nb, "int8_t *") if q4 else ffi.NULL})
     assert lib.ps_quantize_q8_isa(isa, heap.put(x.astype(np.float32), "float *"), vec, len(x)) == 0
     return vec, (read(vec.qs, np.int8, 32 * nb), read(vec.d, np.float32, nb), read(vec.s, np.float32, nb))
 
@@ -500,6 +502,62 @@ def test_quantize_q8_writes_whole_blocks_only(isa_name, heap):
         np.testing.assert_array_equal(g, e)
 
 
+def q4_order(qs: np.ndarray) -> np.ndarray:
+    """ps_q8_vec's q4 of these codes: per whole four of blocks, the 16-code halves in the order
+    lo(c) lo(c+2) hi(c) hi(c+2) lo(c+1) lo(c+3) hi(c+1) hi(c+3)."""
+    fours = qs[:len(qs) // 128 * 128].reshape(-1, 4, 2, 16)      # four, block, half, code
+    return fours[:, [0, 2, 0, 2, 1, 3, 1, 3], [0, 0, 1, 1, 0, 0, 1, 1]].reshape(-1)
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+def test_quantize_q8_fills_q4_where_its_dots_read_it(isa_name, heap):
+    """The AVX2 quantisers write q4 in its documented order over the whole fours of blocks and
+    nothing after them; the other ISAs, whose dots do not read it, leave it alone."""
+    isa = require_isa(isa_name)
+    rng = np.random.default_rng(26)
+    for nb in Q8_BLOCK_COUNTS + [4, 8, 12]:
+        x = q8_activation_cases(rng, nb)
+        vec, (qs, _, _) = quantize_q8(isa, x, heap)
+        sentinel = np.full(32 * nb, 0x5a, np.uint8)
+        ffi.memmove(vec.q4, sentinel.tobytes(), 32 * nb)
+        assert lib.ps_quantize_q8_isa(isa, heap.put(x, "float *"), vec, len(x)) == 0
+        got = read(vec.q4, np.int8, 32 * nb)
+        whole = nb // 4 * 128
+        if isa_name in ("avx2", "avx2_vnni"):
+            np.testing.assert_array_equal(got[:whole], q4_order(qs), err_msg=f"blocks={nb}")
+            np.testing.assert_array_equal(got[whole:], sentinel[whole:].view(np.int8), err_msg=f"blocks={nb}")
+        else:
+            np.testing.assert_array_equal(got, sentinel.view(np.int8), err_msg=f"blocks={nb}")
+    # the order really moves codes: block 2's first half comes second
+    codes = np.arange(128, dtype=np.int64).astype(np.int8)
+    assert list(q4_order(codes)[16:20]) == [64, 65, 66, 67]
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("name", ("q4_0", "q4_1"))
+def test_q4_dots_give_the_same_bits_without_q4(isa_name, name, heap):
+    """x without its q4 buffer (a caller that does not ask for it): every ISA's Q4 dots regroup
+    qs themselves and give the bits they give with it, one row and four at a time."""
+    isa = require_isa(isa_name)
+    t = traits(name, isa)
+    rng = np.random.default_rng(27)
+    for nb in Q8_BLOCK_COUNTS + [4, 8, 12, 16]:
+        n = 32 * nb
+        x = q8_activation_cases(rng, nb)
+        with_q4, _ = quantize_q8(isa, x, heap)
+        without, _ = quantize_q8(isa, x, heap, q4=False)
+        rows = [random_row(name, n, rng, heap) for _ in range(4)]
+        results = []
+        for vec in (with_q4, without):
+            results.append(np.array([dot_q8(t, r, vec, n, heap) for r in rows], np.float32))
+            if t.dot4_q8 != ffi.NULL:
+                out = ffi.new("float[4]")
+                t.dot4_q8(ffi.new("void *[4]", [heap.put(r, "void *") for r in rows]), vec, n, out)
+                results.append(np.array(list(out), np.float32))
+        for r in results[1:]:
+            np.testing.assert_array_equal(r.view(np.uint32), results[0].view(np.uint32), err_msg=f"blocks={nb}")
+
+
 @pytest.mark.parametrize("name", QUANTISED)
 def test_scalar_dot_q8_matches_numpy_ggml_reference(name, heap):
     t = traits(name, lib.PS_ISA_SCALAR)
@@ -544,10 +602,13 @@ def test_simd_dot_q8_matches_scalar(isa_name, name, heap):
     for nb in Q8_BLOCK_COUNTS:
         n = 32 * nb
         row = random_row(name, n, rng, heap)
-        vec, (qs, d, s) = quantize_q8(isa, q8_activation_cases(rng, nb), heap)
-        _, magnitude = numpy_dot_q8(name, row, qs, d, s)
-        got, expected = dot_q8(t, row, vec, n, heap), dot_q8(ref, row, vec, n, heap)
-        assert abs(got - expected) <= 1e-6 * magnitude, f"blocks={nb}: {got} vs {expected}"
+        # the special cases, then plain random blocks: past 4 blocks the cases' 1e30 block sets
+        # the tolerance, under which an error in any other block would pass unseen
+        for x in (q8_activation_cases(rng, nb), random_floats(rng, n)):
+            vec, (qs, d, s) = quantize_q8(isa, x, heap)
+            _, magnitude = numpy_dot_q8(name, row, qs, d, s)
+            got, expected = dot_q8(t, row, vec, n, heap), dot_q8(ref, row, vec, n, heap)
+            assert abs(got - expected) <= 1e-6 * magnitude, f"blocks={nb}: {got} vs {expected}"
 
 
 @pytest.mark.parametrize("isa_name", ISAS)

@@ -13,6 +13,8 @@
  * With best_of, each mat-vec figure is the fastest of that many single passes instead of the
  * best of 5 runs of ~20 ms: on a host whose other tenants take the core in bursts, the fastest
  * pass of a matrix that fits in L2 (e.g. 256 576 3000) is the kernel's own speed.
+ * BENCH_NO_Q4=1 in the environment leaves x without its codes in the AVX2 Q4 order (ps_q8_vec's
+ * q4), as callers other than the runtime may.
  */
 #define _POSIX_C_SOURCE 199309L
 #include "kernels.h"
@@ -142,7 +144,8 @@ int main(int argc, char **argv) {
     const int types[] = { PS_TYPE_F32, PS_TYPE_F16, PS_TYPE_BF16, PS_TYPE_Q8_0, PS_TYPE_Q4_0, PS_TYPE_Q4_1 };
     float *src = malloc(sizeof(float) * rows * cols), *x = malloc(sizeof(float) * cols), *y = calloc(cols, sizeof(float));
     x_bf16 = malloc(sizeof(uint16_t) * cols);
-    const ps_q8_vec xq = { malloc(cols), malloc(sizeof(float) * (cols / 32)), malloc(sizeof(float) * (cols / 32)) };
+    const ps_q8_vec xq = { malloc(cols), malloc(sizeof(float) * (cols / 32)), malloc(sizeof(float) * (cols / 32)),
+                           getenv("BENCH_NO_Q4") ? NULL : malloc(cols) };   /* as the runtime quantises */
     for (long i = 0; i < (long)rows * cols; i++) src[i] = (float)((i * 7919) % 2001 - 1000) * 1e-3f;
     for (int i = 0; i < cols; i++) x[i] = (float)(i % 13) - 6.0f;
 
