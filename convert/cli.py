@@ -2,7 +2,7 @@
 --format powerinfer, PowerInfer) runs.
 
     prosparse-convert MODEL_DIR [-o OUT.gguf] [--outtype f16] [--layout sparse]
-                      [--predictor DIR [--predictor-outtype f16]] [--format prosparse|powerinfer]
+                      [--predictor DIR [--predictor-outtype TYPE]] [--format prosparse|powerinfer]
                       [--threshold T] [--calibration TEXT [--calibration-tokens N]]
                       [--no-tokenizer] [--force] [--quiet]
 
@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor", metavar="DIR",
                    help="activation predictors: model_{i}.pt per layer (fc1.weight [rank, n_embd], "
                         "fc2.weight [n_ff, rank]) and an optional thresholds.json")
-    p.add_argument("--predictor-outtype", choices=OUTTYPES, default="f16",
-                   help="type of the predictor matrices (default f16)")
+    p.add_argument("--predictor-outtype", choices=OUTTYPES, default=None,
+                   help="type of the predictor matrices (default: the type prosparse-train made them for, "
+                        "its report.json's predictor_type; else f16)")
     p.add_argument("--format", choices=FORMATS, default="prosparse", dest="fmt",
                    help="powerinfer: PowerInfer's PWRI magic and powerinfer.sparse_threshold "
                         "(llama, ReLU-family, sparse layout); default prosparse")

@@ -21,7 +21,7 @@ from .checkpoint import CONFIG_FILE, CheckpointTensors, Hyperparams, hyperparams
 from .errors import ConversionError, PredictorError, UnsupportedModelError
 from .gguf_writer import (LAYOUT_DENSE, LAYOUT_SPARSE, LAYOUTS, OUTTYPES, PlannedTensor, check_output, fell_back_to_f32,
                           model_metadata, model_tensors, plan, write_gguf)
-from .predictor import FC1, FC2, Predictors, read_predictors
+from .predictor import FC1, FC2, Predictors, read_predictors, trained_type
 from .vocab import tokenizer_metadata
 
 log = logging.getLogger("prosparse.convert")
@@ -57,16 +57,20 @@ def default_output(model_dir: Path, outtype: str, fmt: str) -> Path:
 
 def convert_checkpoint(model_dir: str | Path, output: str | Path | None = None, *, outtype: str = "f16",
                        layout: str | None = None, predictor_dir: str | Path | None = None,
-                       predictor_outtype: str = "f16", fmt: str = FORMAT_PROSPARSE,
+                       predictor_outtype: str | None = None, fmt: str = FORMAT_PROSPARSE,
                        threshold: float | None = None, tokenizer: bool = True, force: bool = False,
                        progress: bool = False, name: str | None = None, calibration: str | None = None,
                        calibration_tokens: int = 4096) -> ConversionResult:
     """Converts ``model_dir``; see ``prosparse-convert --help`` for the options. Raises a
     ConversionError subclass (message names the file, key or tensor) on any bad input.
     ``calibration`` (a text): the file's FFN neurons are then sorted hottest first over its
-    first ``calibration_tokens`` tokens, as ``prosparse-reorder`` does (convert/reorder.py)."""
+    first ``calibration_tokens`` tokens, as ``prosparse-reorder`` does (convert/reorder.py).
+    ``predictor_outtype`` None: the type the predictors were trained for (their folder's
+    report.json, as prosparse-train writes it), else f16."""
     model_dir = Path(model_dir)
     _choice("--outtype", outtype, OUTTYPES)
+    if predictor_outtype is None:
+        predictor_outtype = (predictor_dir is not None and trained_type(Path(predictor_dir), OUTTYPES)) or "f16"
     _choice("--predictor-outtype", predictor_outtype, OUTTYPES)
     _choice("--format", fmt, FORMATS)
     if layout is not None:

@@ -12,12 +12,16 @@
                                   (keys may be combined in one object)
     config.json       (optional)  PowerInfer's {"sparse_threshold": t}; used when thresholds.json
                                   gives no threshold
+    report.json       (optional)  prosparse-train's report; its "predictor_type" (the GGUF type the
+                                  predictors' thresholds and byte counts were worked out for) is
+                                  prosparse-convert's default --predictor-outtype
 Without any threshold the decision threshold is 0 (logit >= 0, i.e. probability >= 1/2).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from pathlib import Path
@@ -33,6 +37,7 @@ from .errors import PredictorError, read_json_object
 PREDICTOR_FILE = "model_{}.pt"
 THRESHOLDS_FILE = "thresholds.json"
 POWERINFER_CONFIG = "config.json"
+REPORT_FILE = "report.json"
 FC1, FC2 = "fc1.weight", "fc2.weight"
 _FILE_RE = re.compile(r"model_(\d+)\.pt")
 
@@ -54,6 +59,19 @@ class Predictors:
 
     def fc2(self, layer: int) -> np.ndarray:
         return to_float32(self.state_dicts[layer][FC2])
+
+
+def trained_type(directory: Path, choices: tuple[str, ...]) -> str | None:
+    """The type a prosparse-train folder's predictors were made for (report.json's
+    "predictor_type"), or None: no report (PowerInfer's folders), or none of ``choices`` in it.
+    The report is a record of the training, not an input the predictors need, so a missing or
+    unreadable one only leaves the default."""
+    try:
+        report = json.loads((directory / REPORT_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    kind = report.get("predictor_type") if isinstance(report, dict) else None
+    return kind if kind in choices else None
 
 
 def read_predictors(directory: Path, hp: Hyperparams) -> Predictors:

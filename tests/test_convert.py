@@ -579,6 +579,23 @@ def test_predictors_are_written_and_loaded(tmp_path):
     assert tensor_types(out2)[K.block_tensor(0, K.PREDICTOR_FC1)][1] == GGMLQuantizationType.F32
 
 
+def test_predictor_type_defaults_to_what_they_were_trained_for(tmp_path):
+    """prosparse-train's report.json names the type the predictors' thresholds were chosen for:
+    convert writes that unless told otherwise; without a usable report, f16 (PowerInfer's)."""
+    src = llama_dir(tmp_path / "ckpt", tiny_llama(K.ACT_RELU, seed=18))
+    pred = predictor_dir(tmp_path / "pred")
+    fc1 = K.block_tensor(0, K.PREDICTOR_FC1)
+    assert tensor_types(convert(src, tmp_path / "a.gguf", "--predictor", str(pred)))[fc1][1] == GGMLQuantizationType.F16
+    (pred / "report.json").write_text(json.dumps({"predictor_type": "q8_0", "n_layer": 2}))
+    assert tensor_types(convert(src, tmp_path / "b.gguf", "--predictor", str(pred)))[fc1][1] == GGMLQuantizationType.Q8_0
+    out = convert(src, tmp_path / "c.gguf", "--predictor", str(pred), "--predictor-outtype", "f32")
+    assert tensor_types(out)[fc1][1] == GGMLQuantizationType.F32
+    for report in ('{"predictor_type": "q9_9"}', "not json", "[1, 2]"):
+        (pred / "report.json").write_text(report)
+        out = convert(src, tmp_path / "d.gguf", "--predictor", str(pred), "--force")
+        assert tensor_types(out)[fc1][1] == GGMLQuantizationType.F16, report
+
+
 def test_powerinfer_format_reads_back_with_the_same_logits(tmp_path):
     src = llama_dir(tmp_path / "ckpt", tiny_llama(K.ACT_FATRELU, 0.05, seed=17), hidden_act_param=0.05)
     pred = predictor_dir(tmp_path / "pred")
