@@ -919,15 +919,31 @@ static void down_t_product(ps_model *m, const ps_tensor *down_t, const float *h,
 /* neurons[] = those of candidates (or all when NULL) whose activated gate is non-zero;
  * m->hb holds act(gate) afterwards. Returns their count. */
 static int64_t collect_active(ps_model *m, const int32_t *candidates, int64_t n_candidates, int32_t *neurons) {
-    if (!candidates && m->c.activation != PS_ACT_SILU)   /* all neurons, ReLU / FATReLU: vectorised */
-        return ps_f32_ops_for(-1)->keep_at_least(m->hb, n_candidates,
-                                                 m->c.activation == PS_ACT_RELU ? FLT_TRUE_MIN : m->c.act_threshold,
-                                                 neurons);
+    /* ReLU / FATReLU keep a gate g >= min */
+    const float min = m->c.activation == PS_ACT_RELU ? FLT_TRUE_MIN : m->c.act_threshold;
+    if (!candidates && m->c.activation != PS_ACT_SILU)   /* all neurons: vectorised */
+        return ps_f32_ops_for(-1)->keep_at_least(m->hb, n_candidates, min, neurons);
+    float *hb = m->hb;
     int64_t n = 0;
+    if (m->c.activation == PS_ACT_SILU) {
+        for (int64_t j = 0; j < n_candidates; j++) {
+            const int32_t i = candidates ? candidates[j] : (int32_t)j;
+            hb[i] = gate_activation(&m->c, hb[i]);
+            if (hb[i] != 0.0f) neurons[n++] = i;
+        }
+        return n;
+    }
+    /* a predicted neuron turns out active about as often as not: no branch on the outcome (a
+     * mispredicted one per neuron cost 1-2% of predictor-mode decode, perf on Zen 3): a mask on
+     * the gate's bits keeps it or makes it +0 (NaN: dropped), and a kept -0 counts as zero */
     for (int64_t j = 0; j < n_candidates; j++) {
-        const int32_t i = candidates ? candidates[j] : (int32_t)j;
-        m->hb[i] = gate_activation(&m->c, m->hb[i]);
-        if (m->hb[i] != 0.0f) neurons[n++] = i;
+        const int32_t i = candidates[j];
+        uint32_t bits;
+        memcpy(&bits, &hb[i], sizeof bits);
+        bits &= 0u - (uint32_t)(hb[i] >= min);
+        memcpy(&hb[i], &bits, sizeof bits);
+        neurons[n] = i;
+        n += (bits & 0x7fffffffu) != 0;
     }
     return n;
 }
@@ -1061,9 +1077,13 @@ static void ffn_predictor(ps_model *m, const ps_layer_weights *l, mat_input *xb,
     for (int64_t r = 0; r < l->fc1.ne1; r++) m->pred_hidden[r] = m->pred_hidden[r] > 0.0f ? m->pred_hidden[r] : 0.0f;
     mat_input hidden = input_of(m->pred_hidden, &m->hidden_q8);
     matvec1(m, &l->fc2, m->pred_logits, &hidden, 1);
+    /* without a branch: which logits pass is close to a coin toss at 20-50% predicted, and a
+     * mispredicted branch per neuron cost 3% of predictor-mode decode (perf, Zen 3) */
     int64_t n_predicted = 0;
-    for (int32_t i = 0; i < c->n_ff; i++)
-        if (m->pred_logits[i] >= threshold) m->neurons[n_predicted++] = i;
+    for (int32_t i = 0; i < c->n_ff; i++) {
+        m->neurons[n_predicted] = i;
+        n_predicted += m->pred_logits[i] >= threshold;
+    }
 
     int64_t n;
     if (st) {
