@@ -7,10 +7,10 @@ runtime/BENCHMARKS.md counts a token's instructions with callgrind and its time 
     perf record -e cpu-clock -g python native/bench/decode_steps.py FILE --steps 1500 --positions 64
 
 Every step evaluates one token (an English passage's tokens, cycled) at the next position, the
-positions cycling through 0 .. --positions - 1 (default: as many as steps), so all of them are
-decode steps, none a prompt batch, and attention's share stays that of a short context. With callgrind, collecting inside
-ps_model_eval alone leaves out loading, tokenising and Python. Prints the steps' t/s, which
-means something without a profiler only.
+positions cycling through 0 .. --positions - 1 (default: as many as steps): all of them are
+decode steps, none a prompt batch, and attention's share stays that of a short context. With
+callgrind, collecting inside ps_model_eval alone leaves out loading, tokenising and Python.
+Prints the steps' t/s, which means something without a profiler only.
 """
 
 import argparse
