@@ -1118,6 +1118,16 @@ TARGET_AVX2 static void axpy_nonzero_avx2(const float *a, int64_t n, const float
 
 /* 8-bit activations. The packs below saturate nothing: |q| <= 127. */
 
+/* the codes of four blocks (128 from qs) in ps_q8_vec's q4 order: lo(c) lo(c+2) | hi(c) hi(c+2)
+ * | lo(c+1) lo(c+3) | hi(c+1) hi(c+3) */
+TARGET_AVX2 INLINE void q4_regroup_avx2(const int8_t *qs, __m256i q[4]) {
+    const __m256i *xq = (const __m256i *)qs;
+    const __m256i x0 = _mm256_loadu_si256(xq), x1 = _mm256_loadu_si256(xq + 1);
+    const __m256i x2 = _mm256_loadu_si256(xq + 2), x3 = _mm256_loadu_si256(xq + 3);
+    q[0] = _mm256_permute2x128_si256(x0, x2, 0x20), q[1] = _mm256_permute2x128_si256(x0, x2, 0x31);
+    q[2] = _mm256_permute2x128_si256(x1, x3, 0x20), q[3] = _mm256_permute2x128_si256(x1, x3, 0x31);
+}
+
 TARGET_AVX2 static void quantize_q8_avx2(const float *x, const ps_q8_vec *out, int64_t n) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t i = 0; i < n / QK; i++, x += QK) {
@@ -1145,15 +1155,10 @@ TARGET_AVX2 static void quantize_q8_avx2(const float *x, const ps_q8_vec *out, i
         out->s[i] = d * (float)_mm_cvtsi128_si32(s4);
     }
     if (!out->q4) return;
-    for (int64_t c = 0; c + 4 <= n / QK; c += 4) {   /* ps_q8_vec's q4 order */
-        const __m256i *xq = (const __m256i *)(out->qs + QK * c);
-        const __m256i x0 = _mm256_loadu_si256(xq), x1 = _mm256_loadu_si256(xq + 1);
-        const __m256i x2 = _mm256_loadu_si256(xq + 2), x3 = _mm256_loadu_si256(xq + 3);
-        __m256i *q = (__m256i *)(out->q4 + QK * c);
-        _mm256_storeu_si256(q, _mm256_permute2x128_si256(x0, x2, 0x20));
-        _mm256_storeu_si256(q + 1, _mm256_permute2x128_si256(x0, x2, 0x31));
-        _mm256_storeu_si256(q + 2, _mm256_permute2x128_si256(x1, x3, 0x20));
-        _mm256_storeu_si256(q + 3, _mm256_permute2x128_si256(x1, x3, 0x31));
+    for (int64_t c = 0; c + 4 <= n / QK; c += 4) {
+        __m256i q[4];
+        q4_regroup_avx2(out->qs + QK * c, q);
+        for (int k = 0; k < 4; k++) _mm256_storeu_si256((__m256i *)(out->q4 + QK * c) + k, q[k]);
     }
 }
 
@@ -1240,11 +1245,7 @@ TARGET_AVX2 INLINE q4_x4_avx2 q4_x4_avx2_of(const ps_q8_vec *x, int64_t c, int t
         const __m256i *q = (const __m256i *)(x->q4 + QK * c);
         for (int k = 0; k < 4; k++) r.q[k] = _mm256_loadu_si256(q + k);
     } else {
-        const __m256i *xq = (const __m256i *)(x->qs + QK * c);
-        const __m256i x0 = _mm256_loadu_si256(xq), x1 = _mm256_loadu_si256(xq + 1);
-        const __m256i x2 = _mm256_loadu_si256(xq + 2), x3 = _mm256_loadu_si256(xq + 3);
-        r.q[0] = _mm256_permute2x128_si256(x0, x2, 0x20), r.q[1] = _mm256_permute2x128_si256(x0, x2, 0x31);
-        r.q[2] = _mm256_permute2x128_si256(x1, x3, 0x20), r.q[3] = _mm256_permute2x128_si256(x1, x3, 0x31);
+        q4_regroup_avx2(x->qs + QK * c, r.q);
     }
     if (type == PS_TYPE_Q4_1) r.d = _mm256_set_m128(_mm_unpackhi_ps(d, s), _mm_unpacklo_ps(d, s));
     return r;
